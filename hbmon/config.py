@@ -1,0 +1,356 @@
+"""Site configuration (TOML): parsing and validation.
+
+Every problem is reported as one :class:`ConfigError` naming the file and the key
+(``site.toml: watch[2].slot: ...``).  Unknown keys are errors too, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hbmon.errors import ConfigError
+from hbmon.record import check_pair_id
+
+METHODS = ("volume", "network", "both")
+DEFAULT_LISTEN = "127.0.0.1:9799"
+
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """``"250ms"``, ``"1s"``, ``"1.5s"``, ``"2m"`` or a number of seconds."""
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a duration")
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = _DURATION.match(text)
+        if not match:
+            raise ValueError(f"{text!r} is not a duration (examples: 250ms, 1s, 2m)")
+        value = float(match.group(1)) * _UNITS[match.group(2)]
+    if value <= 0:
+        raise ValueError(f"{text!r} must be greater than zero")
+    return value
+
+
+def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How one pair is judged; defaults come from the top level of the file."""
+
+    interval: float = 1.0
+    miss_threshold: int = 3
+    recover_beats: int = 2
+    read_timeout: float = 2.0
+    grace: float | None = None  # None: miss_threshold * interval + interval
+
+    @property
+    def startup_grace(self) -> float:
+        return self.grace if self.grace is not None else (self.miss_threshold + 1) * self.interval
+
+
+@dataclass(frozen=True)
+class BeatConfig:
+    id: str
+    volume: Path
+    slot: int = 0
+    interval: float = 1.0
+    peers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    id: str
+    volume: Path
+    slot: int = 0
+    method: str = "both"
+    timing: Timing = field(default_factory=Timing)
+    failover: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WatchGlobConfig:
+    pattern: str
+    slot: int = 0
+    method: str = "both"
+    timing: Timing = field(default_factory=Timing)
+    failover: tuple[str, ...] = ()
+    rescan: float = 10.0
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    listen: str = "0.0.0.0:9798"
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site: str
+    source: str = "<memory>"
+    state_dir: Path = Path("/var/lib/hbmon")
+    listen: str = DEFAULT_LISTEN
+    timing: Timing = field(default_factory=Timing)
+    method: str = "both"
+    io_threads: int = 8
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    webhook_token_file: Path | None = None
+    beats: tuple[BeatConfig, ...] = ()
+    watches: tuple[WatchConfig, ...] = ()
+    watch_globs: tuple[WatchGlobConfig, ...] = ()
+
+
+class _Table:
+    """A TOML table being read: remembers its key path and which keys were used."""
+
+    def __init__(self, source: str, path: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(source, path or "(top level)", "must be a table")
+        self.source = source
+        self.path = path
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem)
+
+    def get(self, name: str, kind: Callable[[Any], T], default: T) -> T:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        return self._convert(name, kind)
+
+    def require(self, name: str, kind: Callable[[Any], T]) -> T:
+        self.used.add(name)
+        if name not in self.data:
+            raise self.fail(name, "is required")
+        return self._convert(name, kind)
+
+    def _convert(self, name: str, kind: Callable[[Any], T]) -> T:
+        try:
+            return kind(self.data[name])
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise self.fail(name, str(err)) from None
+
+    def table(self, name: str) -> _Table:
+        self.used.add(name)
+        return _Table(self.source, self.key(name), self.data.get(name, {}))
+
+    def tables(self, name: str) -> list[_Table]:
+        self.used.add(name)
+        items = self.data.get(name, [])
+        if not isinstance(items, list):
+            raise self.fail(name, f"must be an array of tables ([[{name}]])")
+        return [_Table(self.source, f"{self.key(name)}[{i}]", item) for i, item in enumerate(items)]
+
+    def done(self) -> None:
+        for name in self.data:
+            if name not in self.used:
+                raise self.fail(name, "unknown key (check the spelling against docs/config.md)")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _slot(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 1 << 20:
+        raise ValueError(f"expected a slot number 0..{(1 << 20) - 1}, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _method(value: Any) -> str:
+    if value not in METHODS:
+        raise ValueError(f"expected one of {', '.join(METHODS)}, got {value!r}")
+    return str(value)
+
+
+def _pair_id(value: Any) -> str:
+    text = _text(value)
+    check_pair_id(text)
+    return text
+
+
+def _hostport(value: Any) -> str:
+    parse_hostport(_text(value))
+    return str(value)
+
+
+def _command(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a command as a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _peers(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of HOST:PORT strings, got {value!r}")
+    return tuple(_hostport(v) for v in value)
+
+
+def _path(base: Path) -> Callable[[Any], Path]:
+    def convert(value: Any) -> Path:
+        path = Path(_text(value))
+        return path if path.is_absolute() else base / path
+
+    return convert
+
+
+def _timing(table: _Table, defaults: Timing) -> Timing:
+    timing = Timing(
+        interval=table.get("interval", parse_duration, defaults.interval),
+        miss_threshold=table.get("miss_threshold", _positive_int, defaults.miss_threshold),
+        recover_beats=table.get("recover_beats", _positive_int, defaults.recover_beats),
+        read_timeout=table.get("read_timeout", parse_duration, defaults.read_timeout),
+        grace=table.get("grace", parse_duration, defaults.grace),
+    )
+    if timing.miss_threshold < 2:
+        raise table.fail("miss_threshold", "must be at least 2 (one late beat is not a death)")
+    return timing
+
+
+def parse_config(data: dict[str, Any], source: str, base: Path | None = None) -> SiteConfig:
+    """Validate a parsed TOML document; relative paths are taken from ``base``."""
+    base = base if base is not None else Path.cwd()
+    top = _Table(source, "", data)
+    as_path = _path(base)
+    timing = _timing(top, Timing())
+    method = top.get("method", _method, "both")
+
+    net = top.table("network")
+    network = NetworkConfig(
+        listen=net.get("listen", _hostport, "0.0.0.0:9798"),
+        key_file=net.get("key_file", as_path, None),
+    )
+    net.done()
+    hook = top.table("webhook")
+    token_file = hook.get("token_file", as_path, None)
+    hook.done()
+
+    beats = []
+    for t in top.tables("beat"):
+        beats.append(
+            BeatConfig(
+                id=t.require("id", _pair_id),
+                volume=t.require("volume", as_path),
+                slot=t.get("slot", _slot, 0),
+                interval=t.get("interval", parse_duration, timing.interval),
+                peers=t.get("peers", _peers, ()),
+            )
+        )
+        t.done()
+
+    watches = []
+    for t in top.tables("watch"):
+        watches.append(
+            WatchConfig(
+                id=t.require("id", _pair_id),
+                volume=t.require("volume", as_path),
+                slot=t.get("slot", _slot, 0),
+                method=t.get("method", _method, method),
+                timing=_timing(t, timing),
+                failover=t.get("failover", _command, ()),
+            )
+        )
+        t.done()
+
+    globs = []
+    for t in top.tables("watch_glob"):
+        pattern = t.require("pattern", _text)
+        if not Path(pattern).is_absolute():
+            pattern = str(base / pattern)
+        globs.append(
+            WatchGlobConfig(
+                pattern=pattern,
+                slot=t.get("slot", _slot, 0),
+                method=t.get("method", _method, method),
+                timing=_timing(t, timing),
+                failover=t.get("failover", _command, ()),
+                rescan=t.get("rescan", parse_duration, 10.0),
+            )
+        )
+        t.done()
+
+    config = SiteConfig(
+        site=top.require("site", _text),
+        source=source,
+        state_dir=top.get("state_dir", as_path, Path("/var/lib/hbmon")),
+        listen=top.get("listen", _hostport, DEFAULT_LISTEN),
+        timing=timing,
+        method=method,
+        io_threads=top.get("io_threads", _positive_int, 8),
+        network=network,
+        webhook_token_file=token_file,
+        beats=tuple(beats),
+        watches=tuple(watches),
+        watch_globs=tuple(globs),
+    )
+    top.done()
+    _check_unique(config)
+    return config
+
+
+def _check_unique(config: SiteConfig) -> None:
+    groups: tuple[tuple[str, tuple[BeatConfig | WatchConfig, ...]], ...] = (
+        ("beat", config.beats),
+        ("watch", config.watches),
+    )
+    for kind, items in groups:
+        ids: set[str] = set()
+        seen: dict[tuple[str, int], str] = {}
+        for i, item in enumerate(items):
+            if item.id in ids:
+                raise ConfigError(config.source, f"{kind}[{i}].id", f"pair {item.id!r} repeated")
+            ids.add(item.id)
+            where = (str(item.volume), item.slot)
+            if where in seen:
+                raise ConfigError(
+                    config.source,
+                    f"{kind}[{i}].slot",
+                    f"{item.volume} slot {item.slot} is already used by {seen[where]}",
+                )
+            seen[where] = f"{kind} {item.id!r}"
+
+
+def load_config(path: str | Path) -> SiteConfig:
+    """Read and validate a configuration file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(str(path), "(file)", f"cannot be read: {err.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(str(path), "(syntax)", str(err)) from None
+    return parse_config(data, str(path), path.parent.resolve())

@@ -1,0 +1,185 @@
+"""The heartbeat record: one per 4096-byte slot, 128 bytes of it used.
+
+Layout (little-endian), documented for operators in ``docs/format.md``::
+
+    off size field
+      0    8 magic           b"HBMONREC"
+      8    2 version         1
+     10    1 state           1 active, 2 stopping, 3 retired
+     11    1 reserved        0
+     12    4 interval_ms     the writer's declared beat interval
+     16    8 incarnation     random per writer start (never 0 for a writer)
+     24    8 serial          0 = installed, first beat of an incarnation is 1
+     32    8 writer_time_ns  writer's wall clock, Unix nanoseconds (diagnostic only)
+     40    1 id_length       bytes of the pair identifier (1..63)
+     41   63 pair_id         UTF-8, zero padded
+    104   20 reserved        0
+    124    4 crc32           CRC-32 (zlib) of bytes 0..123
+
+Slot K starts at byte K * 4096, so one LUN can carry many pairs.  The record sits in
+the first 128 bytes of its slot; the rest of the slot is left as it is.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+
+from hbmon.errors import RecordError
+
+MAGIC = b"HBMONREC"
+VERSION = 1
+SLOT_SIZE = 4096
+RECORD_SIZE = 128
+MAX_ID_BYTES = 63
+
+_LAYOUT = struct.Struct("<8sHBBIQQqB63s20s")
+_CRC = struct.Struct("<I")
+_CRC_OFFSET = _LAYOUT.size  # 124
+assert _CRC_OFFSET + _CRC.size == RECORD_SIZE
+_ZERO = bytes(RECORD_SIZE)
+
+#: Every way a slot can fail to hold the record a reader expects.
+REASONS = (
+    "truncated",  # fewer than 128 bytes could be read at the slot
+    "zeroed",  # the record area is all zero: never initialised, or wiped
+    "bad_magic",  # not an hbmon record (foreign data, wrong slot or offset)
+    "unsupported_version",  # written by a newer or older hbmon format
+    "checksum_mismatch",  # torn or corrupted record
+    "malformed",  # checksum fine but a field is out of range (writer bug)
+    "identity_mismatch",  # a valid record, but of another pair
+)
+
+
+class State(enum.IntEnum):
+    """What the writer says about itself."""
+
+    ACTIVE = 1
+    STOPPING = 2
+    RETIRED = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    pair_id: str
+    incarnation: int
+    serial: int
+    writer_time: float  # Unix seconds, writer's wall clock
+    interval: float  # seconds
+    state: State = State.ACTIVE
+
+    def encode(self) -> bytes:
+        """The 128 bytes of this record, checksum included."""
+        ident = self.pair_id.encode()
+        check_pair_id(self.pair_id)
+        body = _LAYOUT.pack(
+            MAGIC,
+            VERSION,
+            int(self.state),
+            0,
+            round(self.interval * 1000),
+            self.incarnation,
+            self.serial,
+            round(self.writer_time * 1e9),
+            len(ident),
+            ident,
+            b"",
+        )
+        return body + _CRC.pack(zlib.crc32(body))
+
+    def encode_block(self, size: int) -> bytes:
+        """The record padded with zeros to ``size`` bytes (one aligned block)."""
+        if size < RECORD_SIZE or size > SLOT_SIZE:
+            raise ValueError(f"block size {size} must be between {RECORD_SIZE} and {SLOT_SIZE}")
+        return self.encode() + bytes(size - RECORD_SIZE)
+
+
+def check_pair_id(pair_id: str) -> None:
+    """Raise ValueError unless ``pair_id`` fits a record."""
+    raw = pair_id.encode()
+    if not 1 <= len(raw) <= MAX_ID_BYTES:
+        raise ValueError(f"pair id {pair_id!r} must be 1..{MAX_ID_BYTES} bytes of UTF-8")
+    if "\x00" in pair_id or not pair_id.isprintable():
+        raise ValueError(f"pair id {pair_id!r} must be printable text")
+
+
+def decode(data: bytes | bytearray | memoryview, expected_id: str | None = None) -> Record:
+    """Decode the record at the start of ``data``.
+
+    Raises :class:`RecordError` whose ``reason`` is one of :data:`REASONS`.  With
+    ``expected_id`` a valid record of another pair is an ``identity_mismatch``: the SVOL
+    is a byte copy of the PVOL, so who a record should belong to comes from
+    configuration, never from the disk.
+    """
+    if len(data) < RECORD_SIZE:
+        raise RecordError("truncated", f"only {len(data)} of {RECORD_SIZE} record bytes present")
+    head = bytes(data[:RECORD_SIZE])
+    if head == _ZERO:
+        raise RecordError("zeroed", "the record area is all zero bytes")
+    if head[:8] != MAGIC:
+        raise RecordError("bad_magic", f"magic is {head[:8]!r}, expected {MAGIC!r}")
+    (
+        _magic,
+        version,
+        state,
+        _reserved,
+        interval_ms,
+        incarnation,
+        serial,
+        time_ns,
+        id_len,
+        ident,
+        tail,
+    ) = _LAYOUT.unpack_from(head)
+    if version != VERSION:
+        raise RecordError(
+            "unsupported_version", f"format version {version}; this hbmon reads {VERSION}"
+        )
+    (crc,) = _CRC.unpack_from(head, _CRC_OFFSET)
+    actual = zlib.crc32(head[:_CRC_OFFSET])
+    if crc != actual:
+        raise RecordError("checksum_mismatch", f"stored crc {crc:#010x}, computed {actual:#010x}")
+    if state not in _STATES:
+        raise RecordError("malformed", f"state {state} is not 1, 2 or 3")
+    if not 1 <= id_len <= MAX_ID_BYTES or any(ident[id_len:]) or any(tail) or _reserved:
+        raise RecordError("malformed", f"pair id length {id_len} or reserved bytes out of range")
+    try:
+        pair_id = ident[:id_len].decode()
+    except UnicodeDecodeError:
+        raise RecordError("malformed", "pair id is not UTF-8") from None
+    if interval_ms == 0:
+        raise RecordError("malformed", "declared interval is 0 ms")
+    if expected_id is not None and pair_id != expected_id:
+        raise RecordError(
+            "identity_mismatch", f"record belongs to pair {pair_id!r}, expected {expected_id!r}"
+        )
+    return Record(
+        pair_id=pair_id,
+        incarnation=incarnation,
+        serial=serial,
+        writer_time=time_ns / 1e9,
+        interval=interval_ms / 1000,
+        state=_STATES[state],
+    )
+
+
+_STATES = {s.value: s for s in State}
+
+
+def describe_slot(data: bytes | bytearray | memoryview) -> str:
+    """A short human description of what a slot holds (for refusals and `volume show`)."""
+    try:
+        rec = decode(data)
+    except RecordError as err:
+        if err.reason == "zeroed":
+            return "nothing (zeroed)"
+        if err.reason == "truncated":
+            return "nothing (past the end of the volume)"
+        return f"data that is not a valid hbmon record ({err.reason})"
+    return f"the record of pair {rec.pair_id!r} ({rec.state.label}, serial {rec.serial})"
