@@ -45,7 +45,15 @@ FRESH = frozenset({"alive", "late"})
 FAILED = frozenset({"stale", "invalid", "io_error", "io_hung"})
 #: Worst first, for sorting tables.
 _WORST_FIRST = (
-    "stale", "invalid", "io_hung", "io_error", "late", "awaiting", "stopped", "retired", "alive"
+    "stale",
+    "invalid",
+    "io_hung",
+    "io_error",
+    "late",
+    "awaiting",
+    "stopped",
+    "retired",
+    "alive",
 )
 SEVERITY = {s: i for i, s in enumerate(_WORST_FIRST)}
 _PROBLEM_STATES = frozenset({"invalid", "io_error", "io_hung"})
@@ -257,8 +265,25 @@ class WriterStats:
 class Histogram:
     """Cumulative-bucket histogram kept as plain numbers, rendered by the collector."""
 
-    BOUNDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-              0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    BOUNDS = (
+        0.00005,
+        0.0001,
+        0.00025,
+        0.0005,
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        10.0,
+    )
 
     def __init__(self) -> None:
         self.counts = [0] * (len(self.BOUNDS) + 1)
@@ -295,6 +320,7 @@ class StatusTable:
         self.workers_stuck = 0
         self.io_backend = "threads"
         self.started = clock.monotonic()
+        self.last_poll_tick = self.started
 
     def add_pair(
         self,

@@ -1,0 +1,172 @@
+"""The beater (heartbeat check 101a): writes this site's heartbeat records to its PVOLs.
+
+Every ``[[beat]]`` gets a new record each interval: the same random incarnation for the
+life of the process, the serial one higher each time.  The first write to a volume
+claims the slot: a missing regular file is created and a zeroed slot is taken, but a
+slot holding another pair's record or foreign data is never overwritten; the beat keeps
+reporting ``slot_taken`` instead.  Write errors are counted and retried at the next
+interval, never fatal.  :meth:`Beater.stop` writes a ``stopping`` record so that readers
+show ``stopped`` rather than a death.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import secrets
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from hbmon.clock import Clock
+from hbmon.config import BeatConfig
+from hbmon.errors import SlotTakenError, VolumeError
+from hbmon.record import Record, State
+from hbmon.status import StatusTable, WriterStats
+from hbmon.volume import Volume, claim_slot, open_volume, write_slot
+from hbmon.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+def new_incarnation() -> int:
+    """A random, non-zero 64-bit incarnation for one writer start."""
+    return secrets.randbits(64) or 1
+
+
+@dataclass(eq=False, slots=True)
+class BeatTarget:
+    config: BeatConfig
+    stats: WriterStats
+    volume: Volume | None = None
+    claimed: bool = False
+    inflight: bool = False
+    record: Record | None = None  # the record being written
+
+
+@dataclass(slots=True)
+class WriteOutcome:
+    reason: str  # "" when written
+    detail: str = ""
+
+
+def write_beat(target: BeatTarget) -> WriteOutcome:
+    """Claim the slot if needed and write ``target.record``.  Worker thread; never raises."""
+    cfg, record = target.config, target.record
+    assert record is not None
+    try:
+        if target.volume is None:
+            target.volume = open_volume(str(cfg.volume), write=True, create=True)
+        if not target.claimed:
+            claim_slot(target.volume, cfg.slot, cfg.id)
+            target.claimed = True
+        write_slot(target.volume, cfg.slot, record.encode_block(target.volume.io_size))
+    except SlotTakenError as err:
+        return WriteOutcome(err.reason, err.problem)
+    except (VolumeError, OSError) as err:
+        if target.volume is not None:
+            target.volume.close()
+        target.volume, target.claimed = None, False
+        reason = err.reason if isinstance(err, VolumeError) else "io_error"
+        return WriteOutcome(reason, str(err))
+    return WriteOutcome("")
+
+
+class Beater:
+    """Writes the heartbeats of every ``[[beat]]`` of a site."""
+
+    def __init__(
+        self,
+        table: StatusTable,
+        clock: Clock,
+        beats: tuple[BeatConfig, ...],
+        *,
+        threads: int = 4,
+        write_timeout: float = 2.0,
+    ) -> None:
+        self.table = table
+        self.clock = clock
+        self.write_timeout = write_timeout
+        self.targets: list[BeatTarget] = []
+        self.pool: WorkerPool[BeatTarget, WriteOutcome] = WorkerPool(
+            write_beat, self._deliver, clock=clock, threads=threads
+        )
+        for cfg in beats:
+            stats = WriterStats(cfg.id, str(cfg.volume), cfg.slot, new_incarnation())
+            table.writers[cfg.id] = stats
+            self.targets.append(BeatTarget(cfg, stats))
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        now = self.clock.monotonic()
+        heap = [(now, i, t) for i, t in enumerate(self.targets)]
+        heapq.heapify(heap)
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            while heap:
+                self.pool.harvest()
+                now = self.clock.monotonic()
+                batch = []
+                while heap[0][0] <= now + 0.002:
+                    due, i, target = heapq.heappop(heap)
+                    if not target.inflight:
+                        batch.append(self._prepare(target, State.ACTIVE))
+                    following = due + target.config.interval
+                    if following <= now:
+                        following = now + target.config.interval
+                    heapq.heappush(heap, (following, i, target))
+                if batch:
+                    tg.start_soon(self.pool.run, batch)
+                wait = heap[0][0] - self.clock.monotonic()
+                if self.pool.detached:
+                    wait = min(wait, 0.05)
+                await anyio.sleep(max(wait, 0.0))
+
+    def _prepare(self, target: BeatTarget, state: State) -> BeatTarget:
+        stats = target.stats
+        stats.serial += 1
+        target.inflight = True
+        target.record = Record(
+            pair_id=target.config.id,
+            incarnation=stats.incarnation,
+            serial=stats.serial,
+            writer_time=self.clock.wall(),
+            interval=target.config.interval,
+            state=state,
+        )
+        return target
+
+    def _deliver(self, target: BeatTarget, out: WriteOutcome) -> None:
+        target.inflight = False
+        stats = target.stats
+        if not out.reason:
+            stats.written += 1
+            stats.last_write = self.clock.monotonic()
+            if stats.last_error:
+                log.info("beat %s: writing again to %s", stats.pair, stats.volume)
+                stats.last_error = ""
+            return
+        stats.errors[out.reason] += 1
+        if out.detail != stats.last_error:
+            log.error("beat %s: %s", stats.pair, out.detail)
+            stats.last_error = out.detail
+
+    async def stop(self) -> None:
+        """Write a ``stopping`` record for every beat (bounded by ``write_timeout``)."""
+        batch = [self._prepare(t, State.STOPPING) for t in self.targets if not t.inflight]
+        if not batch:
+            return
+        with anyio.move_on_after(self.write_timeout) as scope:
+            await self.pool.run(batch)
+        if scope.cancelled_caught:
+            log.warning("stopping records not all written within %.1f s", self.write_timeout)
+        else:
+            log.info("wrote stopping records for %d beat(s)", len(batch))
+
+    def close(self) -> None:
+        for target in self.targets:
+            if target.volume is not None and not target.inflight:
+                target.volume.close()
+                target.volume = None

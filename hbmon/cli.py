@@ -1,0 +1,305 @@
+"""The ``hbmon`` command line: a thin shell over the package.
+
+Errors become one line on stderr and an exit code: 2 for bad usage or configuration,
+1 for runtime failures, 0 for success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from hbmon import __version__
+from hbmon.errors import HbmonError, UsageError, VolumeError
+from hbmon.volume import claim_slot, open_volume, read_slot, write_slot
+
+log = logging.getLogger("hbmon")
+
+DEFAULT_URL = "http://127.0.0.1:9799"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hbmon", description="Heartbeats through mirrored volumes and the network.")
+    p.add_argument("--version", action="version", version=f"hbmon {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the site daemon")
+    run.add_argument("-c", "--config", required=True, help="site configuration (TOML)")
+    run.add_argument("--listen", help="HOST:PORT for HTTP (overrides the configuration)")
+
+    st = sub.add_parser("status", help="the heartbeat status table of a running daemon")
+    st.add_argument("--url", default=os.environ.get("HBMON_URL", DEFAULT_URL))
+    st.add_argument("--json", action="store_true", help="print the raw /status.json")
+    st.add_argument("--watch", action="store_true", help="refresh every second")
+
+    vol = sub.add_parser("volume", help="install, inspect and retire heartbeat volumes")
+    vsub = vol.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    init = vsub.add_parser("init", help="install a heartbeat volume (write the first record)")
+    init.add_argument("path")
+    init.add_argument("--id", required=True, help="pair identifier")
+    init.add_argument("--slot", type=int, default=0)
+    init.add_argument("--interval", default="1s", help="declared beat interval")
+    init.add_argument("--force", action="store_true", help="overwrite foreign data in the slot")
+    show = vsub.add_parser("show", help="decode and validate the record(s) on a volume")
+    show.add_argument("path")
+    show.add_argument("--slot", type=int, help="only this slot (default: every non-zero slot)")
+    show.add_argument("--id", help="expected pair identifier (identity check)")
+    show.add_argument("--max-slots", type=int, default=1024, help="slots to scan (default 1024)")
+    show.add_argument("--json", action="store_true")
+    retire = vsub.add_parser("retire", help="write a retired record (de-install)")
+    retire.add_argument("path")
+    retire.add_argument("--id", required=True)
+    retire.add_argument("--slot", type=int, default=0)
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    csub = cfg.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    check = csub.add_parser("check", help="validate a configuration and exit")
+    check.add_argument("config")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        handler = _COMMANDS[args.command]
+        return handler(args)
+    except HbmonError as err:
+        print(f"hbmon: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- run ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from hbmon.config import load_config, parse_hostport
+    from hbmon.site import Site, run_daemon, threads_left_stuck
+
+    config = load_config(args.config)
+    if args.listen:
+        try:
+            parse_hostport(args.listen)
+        except ValueError as err:
+            raise UsageError(f"--listen: {err}") from None
+    site = Site(config, listen=args.listen)
+    try:
+        anyio.run(run_daemon, site)
+    except OSError as err:
+        raise HbmonError(f"cannot start site {config.site!r}: {err}") from None
+    stuck = threads_left_stuck()
+    if stuck:
+        log.warning("%d I/O worker(s) still blocked in the kernel; exiting without them", stuck)
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    target = url.rstrip("/") + "/status.json"
+    try:
+        with urllib.request.urlopen(target, timeout=timeout) as resp:
+            data: dict[str, Any] = json.load(resp)
+            return data
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise HbmonError(
+            f"cannot read {target}: {reason} (is `hbmon run` or `hbmon demo` running? "
+            "pass --url or set HBMON_URL)"
+        ) from None
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    headers = ("PAIR", "PATH", "SERIAL", "WRITER TIME", "IDENTIFIER", "AGE", "MISSED", "STATE")
+    rows = []
+    for r in doc["rows"]:
+        wt = r.get("writer_time")
+        age = r.get("age")
+        state = r["state"] + (f" ({r['reason']})" if r.get("reason") else "")
+        if r.get("note"):
+            state += f" [{r['note']}]"
+        rows.append(
+            (
+                r["pair"],
+                r["path"],
+                "-" if r.get("serial") is None else str(r["serial"]),
+                "-" if wt is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wt)),
+                r.get("incarnation") or "-",
+                "-" if age is None else f"{age:.1f}s",
+                str(r.get("missed", 0)),
+                state,
+            )
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(doc.get("states", {}).items()))
+    lines.append(f"site {doc.get('site')}: {len(rows)} row(s): {counts or 'nothing watched'}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    while True:
+        doc = fetch_status(args.url)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            text = format_status(doc)
+            if args.watch:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(text, flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(1.0)
+
+
+# -- volume ---------------------------------------------------------------------------
+
+
+def cmd_volume(args: argparse.Namespace) -> int:
+    if args.slot is not None and args.slot < 0:
+        raise UsageError(f"--slot {args.slot}: a slot number is 0 or more")
+    return {"init": _volume_init, "show": _volume_show, "retire": _volume_retire}[args.action](
+        args
+    )
+
+
+def _volume_init(args: argparse.Namespace) -> int:
+    from hbmon.config import parse_duration
+    from hbmon.record import Record, check_pair_id
+
+    try:
+        check_pair_id(args.id)
+        interval = parse_duration(args.interval)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    vol = open_volume(args.path, write=True, create=True)
+    try:
+        found = claim_slot(vol, args.slot, args.id, force=args.force)
+        record = Record(args.id, 0, 0, time.time(), interval)
+        write_slot(vol, args.slot, record.encode_block(vol.io_size))
+    finally:
+        vol.close()
+    again = " (replacing its earlier record)" if found is not None else ""
+    print(f"installed pair {args.id!r} in {args.path} slot {args.slot}{again}")
+    return 0
+
+
+def _volume_show(args: argparse.Namespace) -> int:
+    from hbmon.errors import RecordError
+    from hbmon.record import SLOT_SIZE, decode
+
+    vol = open_volume(args.path)
+    shown: list[dict[str, Any]] = []
+    try:
+        if args.slot is not None:
+            slots: Sequence[int] = [args.slot]
+        else:
+            size = os.lseek(vol.fd, 0, os.SEEK_END)
+            slots = range(min(args.max_slots, max(1, -(-size // SLOT_SIZE))))
+        for slot in slots:
+            data = read_slot(vol, slot)
+            if args.slot is None and not any(data):
+                continue
+            entry: dict[str, Any] = {"slot": slot}
+            try:
+                rec = decode(data, args.id)
+            except RecordError as err:
+                entry.update(valid=False, reason=err.reason, detail=err.detail)
+            else:
+                entry.update(
+                    valid=True,
+                    pair=rec.pair_id,
+                    state=rec.state.label,
+                    serial=rec.serial,
+                    incarnation=f"{rec.incarnation:016x}",
+                    writer_time=rec.writer_time,
+                    interval=rec.interval,
+                )
+            shown.append(entry)
+    finally:
+        vol.close()
+    if args.json:
+        print(json.dumps({"path": args.path, "records": shown}, indent=2))
+    elif not shown:
+        print(f"{args.path}: no heartbeat records (every slot scanned is zero)")
+    for e in [] if args.json else shown:
+        if e["valid"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["writer_time"]))
+            print(
+                f"slot {e['slot']}: pair {e['pair']} {e['state']} serial {e['serial']} "
+                f"incarnation {e['incarnation']} written {when} interval {e['interval']}s"
+            )
+        else:
+            print(f"slot {e['slot']}: INVALID {e['reason']}: {e['detail']}")
+    return 0 if shown and all(e["valid"] for e in shown) else 1
+
+
+def _volume_retire(args: argparse.Namespace) -> int:
+    from hbmon.errors import RecordError
+    from hbmon.record import Record, State, decode
+
+    vol = open_volume(args.path, write=True)
+    try:
+        try:
+            old = decode(read_slot(vol, args.slot), args.id)
+        except RecordError as err:
+            raise VolumeError(
+                args.path, f"slot {args.slot} holds no record of pair {args.id!r}: {err}"
+            ) from None
+        record = Record(
+            args.id, old.incarnation, old.serial + 1, time.time(), old.interval, State.RETIRED
+        )
+        write_slot(vol, args.slot, record.encode_block(vol.io_size))
+    finally:
+        vol.close()
+    print(f"retired pair {args.id!r} in {args.path} slot {args.slot} (serial {record.serial})")
+    return 0
+
+
+# -- config ---------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from hbmon.config import load_config
+
+    config = load_config(args.config)
+    globs = ", ".join(g.pattern for g in config.watch_globs) or "none"
+    print(
+        f"{args.config}: valid: site {config.site!r}, {len(config.beats)} beat(s), "
+        f"{len(config.watches)} watch(es), watch_glob patterns: {globs}"
+    )
+    return 0
+
+
+_COMMANDS = {"run": cmd_run, "status": cmd_status, "volume": cmd_volume, "config": cmd_config}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The HTTP endpoints of a site, served by aiohttp from the same process.
+
+``GET /metrics`` (Prometheus text format), ``GET /status.json`` (the status table),
+``GET /healthz`` (200 while the poll loop is running, 503 when it has stopped ticking).
+aiohttp is a well-kept asyncio server with keep-alive, limits and graceful shutdown, so
+hbmon does not hand-write HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import anyio
+import anyio.abc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from hbmon import __version__
+from hbmon.status import StatusTable
+
+log = logging.getLogger(__name__)
+
+HEALTHY_TICK = 5.0  # seconds without a poll-loop tick before /healthz says 503
+
+
+class HttpApi:
+    """Handlers over one status table and the registry that exports it."""
+
+    def __init__(self, table: StatusTable, registry: CollectorRegistry) -> None:
+        self.table = table
+        self.registry = registry
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/status.json", self.status_json)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/", self.index)
+        return app
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def status_json(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status_document())
+
+    def status_document(self) -> dict[str, Any]:
+        table = self.table
+        rows = table.snapshot()
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[str(row["state"])] = counts.get(str(row["state"]), 0) + 1
+        return {
+            "site": table.site,
+            "version": __version__,
+            "generated_at": time.time(),
+            "uptime": round(table.clock.monotonic() - table.started, 3),
+            "poll_lag": table.poll_lag,
+            "workers_stuck": table.workers_stuck,
+            "states": counts,
+            "rows": rows,
+            "writers": [
+                {
+                    "pair": w.pair,
+                    "volume": w.volume,
+                    "slot": w.slot,
+                    "incarnation": f"{w.incarnation:016x}",
+                    "serial": w.serial,
+                    "written": w.written,
+                    "errors": dict(w.errors),
+                    "last_error": w.last_error,
+                }
+                for w in table.writers.values()
+            ],
+        }
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        quiet = self.table.clock.monotonic() - self.table.last_poll_tick
+        if quiet > HEALTHY_TICK:
+            return web.Response(status=503, text=f"poll loop silent for {quiet:.1f} s\n")
+        return web.Response(text="ok\n")
+
+    async def index(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=f"hbmon {__version__} site {self.table.site}: /metrics /status.json /healthz\n"
+        )
+
+
+async def serve_http(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until cancelled; reports the bound (host, port) when listening."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        bound = runner.addresses[0]
+        log.info("HTTP on http://%s:%d/ (/metrics /status.json /healthz)", bound[0], bound[1])
+        task_status.started((str(bound[0]), int(bound[1])))
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+            await runner.cleanup()

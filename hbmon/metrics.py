@@ -1,0 +1,142 @@
+"""Prometheus metrics: a custom collector that reads the status table at scrape time.
+
+No I/O happens in :meth:`StatusCollector.collect`; it only reads what the poller and the
+beater have already put in the table.  Labels carry static identity (pair, path, state
+names, reasons); values carry ages, counts and 0/1 states.  No explicit timestamps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from hbmon import __version__
+from hbmon.status import STATES, StatusTable
+
+
+class StatusCollector(Collector):
+    """Exports the ``hbmon_*`` families of DESIGN.md from a :class:`StatusTable`."""
+
+    def __init__(self, table: StatusTable, registry: CollectorRegistry | None = None) -> None:
+        self.table = table
+        if registry is not None:
+            registry.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # families depend on the table; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        table = self.table
+        now = table.evaluate()
+        pp = ["pair", "path"]
+        age = GaugeMetricFamily(
+            "hbmon_heartbeat_age_seconds",
+            "Reader-monotonic seconds since the last new beat",
+            labels=pp,
+        )
+        last = GaugeMetricFamily(
+            "hbmon_heartbeat_last_timestamp_seconds",
+            "Writer's time field of the newest valid record (Unix seconds)",
+            labels=pp,
+        )
+        serial = GaugeMetricFamily("hbmon_heartbeat_serial", "Newest serial seen", labels=pp)
+        missed = CounterMetricFamily(
+            "hbmon_heartbeat_missed", "Expected beats that did not arrive", labels=pp
+        )
+        up = GaugeMetricFamily("hbmon_heartbeat_up", "1 while the path is fresh", labels=pp)
+        state = GaugeMetricFamily(
+            "hbmon_heartbeat_state",
+            "1 for the current per-path state",
+            labels=[*pp, "state"],
+        )
+        skew = GaugeMetricFamily(
+            "hbmon_heartbeat_clock_skew_seconds",
+            "Writer time minus reader time at the last sighting (diagnostic only)",
+            labels=["pair"],
+        )
+        errors = CounterMetricFamily(
+            "hbmon_volume_read_errors",
+            "Volume reads that failed or found no valid record, by reason",
+            labels=["pair", "reason"],
+        )
+        for pair in table.pairs.values():
+            skew_value: float | None = None
+            for path, row in pair.rows.items():
+                labels = [pair.id, path]
+                row_age = row.age(now)
+                if row_age is not None:
+                    age.add_metric(labels, row_age)
+                if row.writer_time is not None:
+                    last.add_metric(labels, row.writer_time)
+                if row.serial is not None:
+                    serial.add_metric(labels, row.serial)
+                missed.add_metric(labels, row.missed_total)
+                up.add_metric(labels, 1.0 if row.up else 0.0)
+                for name in STATES:
+                    state.add_metric([*labels, name], 1.0 if row.state == name else 0.0)
+                if row.skew is not None and (skew_value is None or path == "volume"):
+                    skew_value = row.skew
+                if path == "volume":
+                    for reason, count in sorted(row.errors.items()):
+                        errors.add_metric([pair.id, reason], count)
+            if skew_value is not None:
+                skew.add_metric([pair.id], skew_value)
+        yield from (age, last, serial, missed, up, state, skew, errors)
+
+        hist = HistogramMetricFamily(
+            "hbmon_volume_read_duration_seconds", "Per-read latency, all volumes"
+        )
+        rd = table.read_duration
+        hist.add_metric([], [(_bound(b), float(c)) for b, c in rd.cumulative()], sum_value=rd.total)
+        yield hist
+        yield GaugeMetricFamily(
+            "hbmon_poll_lag_seconds", "How late the poll scheduler runs", value=table.poll_lag
+        )
+        yield GaugeMetricFamily(
+            "hbmon_workers_stuck",
+            "I/O workers blocked past their deadline",
+            value=table.workers_stuck,
+        )
+
+        written = CounterMetricFamily(
+            "hbmon_beats_written", "Heartbeat records written", labels=["pair"]
+        )
+        write_errors = CounterMetricFamily(
+            "hbmon_beat_write_errors",
+            "Heartbeat writes that failed, by reason",
+            labels=["pair", "reason"],
+        )
+        for stats in table.writers.values():
+            written.add_metric([stats.pair], stats.written)
+            for reason, count in sorted(stats.errors.items()):
+                write_errors.add_metric([stats.pair, reason], count)
+        yield written
+        yield write_errors
+
+        info = GaugeMetricFamily(
+            "hbmon_build_info",
+            "Always 1; labels say which hbmon runs here",
+            labels=["version", "site", "io_backend"],
+        )
+        info.add_metric([__version__, table.site, table.io_backend], 1.0)
+        yield info
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def make_registry(table: StatusTable) -> CollectorRegistry:
+    """A registry with hbmon's collector and the process metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    StatusCollector(table, registry=registry)
+    ProcessCollector(registry=registry)
+    return registry

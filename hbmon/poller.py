@@ -1,0 +1,270 @@
+"""The poller (heartbeat check 101b): reads every watched SVOL each interval.
+
+One scheduler over a heap of due times (not a task per volume).  Each tick pops the
+volumes that are due, hands them to the :class:`~hbmon.workers.WorkerPool` in batches,
+and feeds what comes back into the status table.  A volume whose read is still out is
+not read again; once its read has been out longer than its ``read_timeout`` the row
+shows ``io_hung`` and the worker is counted as stuck, while every other volume keeps its
+cadence.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import heapq
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from hbmon.clock import Clock
+from hbmon.config import SiteConfig, Timing, WatchGlobConfig
+from hbmon.errors import RecordError, VolumeError
+from hbmon.record import Record, decode
+from hbmon.status import StatusTable
+from hbmon.volume import Volume, open_volume, read_slot
+from hbmon.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+BATCH = 256  # reads per worker-thread call
+COALESCE = 0.002  # volumes due this close together are read in one batch
+
+
+@dataclass(eq=False, slots=True)
+class Target:
+    """One watched volume slot, owned by the poller."""
+
+    pair: str
+    path: str
+    slot: int
+    period: float
+    read_timeout: float
+    volume: Volume | None = None  # kept open between polls; touched only by its worker
+    inflight: bool = False
+    submitted: float = 0.0
+    hung: bool = False
+    active: bool = True
+
+
+@dataclass(slots=True)
+class ReadOutcome:
+    kind: str  # record | zeroed | invalid | io_error
+    record: Record | None
+    reason: str
+    detail: str
+    duration: float
+
+
+def read_target(target: Target) -> ReadOutcome:
+    """Read and decode one slot.  Runs on a worker thread; never raises."""
+    start = time.perf_counter()
+    try:
+        if target.volume is None:
+            target.volume = open_volume(target.path)
+        data = read_slot(target.volume, target.slot)
+    except VolumeError as err:
+        _forget(target)
+        return ReadOutcome("io_error", None, err.reason, err.problem, time.perf_counter() - start)
+    except OSError as err:  # anything volume.py did not foresee
+        _forget(target)
+        return ReadOutcome("io_error", None, "io_error", str(err), time.perf_counter() - start)
+    duration = time.perf_counter() - start
+    try:
+        record = decode(data, target.pair)
+    except RecordError as err:
+        _forget(target)  # reopen next time: the file may have been replaced
+        kind = {"zeroed": "zeroed", "truncated": "io_error"}.get(err.reason, "invalid")
+        return ReadOutcome(kind, None, err.reason, err.detail, duration)
+    return ReadOutcome("record", record, "", "", duration)
+
+
+def _forget(target: Target) -> None:
+    if target.volume is not None:
+        target.volume.close()
+        target.volume = None
+
+
+class Poller:
+    """Polls the watched volumes of one site into its status table."""
+
+    def __init__(self, table: StatusTable, clock: Clock, *, threads: int = 8) -> None:
+        self.table = table
+        self.clock = clock
+        self.targets: dict[str, Target] = {}
+        self._heap: list[tuple[float, int, Target]] = []
+        self._seq = 0
+        self.pool: WorkerPool[Target, ReadOutcome] = WorkerPool(
+            read_target, self._deliver, clock=clock, threads=threads
+        )
+        self.globs: tuple[WatchGlobConfig, ...] = ()
+
+    # -- what to watch ------------------------------------------------------------
+
+    def configure(self, config: SiteConfig) -> None:
+        """Watch what ``config`` lists (glob patterns are expanded by :meth:`rescan`)."""
+        for w in config.watches:
+            self.watch(w.id, str(w.volume), w.slot, w.method, w.timing, w.failover)
+        self.globs = config.watch_globs
+
+    def watch(
+        self,
+        pair: str,
+        path: str,
+        slot: int,
+        method: str,
+        timing: Timing,
+        failover: tuple[str, ...] = (),
+    ) -> None:
+        existing = self.targets.get(pair)
+        if existing is not None and (existing.path, existing.slot) != (path, slot):
+            self.unwatch(pair)
+            existing = None
+        self.table.add_pair(pair, method, timing, volume=path, slot=slot, failover=failover)
+        if method == "network":
+            return
+        if existing is not None:
+            existing.period, existing.read_timeout = timing.interval, timing.read_timeout
+            return
+        target = Target(pair, path, slot, timing.interval, timing.read_timeout)
+        self.targets[pair] = target
+        # Spread first polls over one period so 10,000 volumes do not all fall due at once.
+        phase = (zlib.crc32(pair.encode()) % 1000) / 1000 * timing.interval
+        self._push(self.clock.monotonic() + phase, target)
+
+    def unwatch(self, pair: str) -> None:
+        target = self.targets.pop(pair, None)
+        if target is not None:
+            target.active = False
+            if not target.inflight:
+                _forget(target)
+        self.table.remove_pair(pair)
+
+    def rescan(self) -> None:
+        """Expand the ``[[watch_glob]]`` patterns (blocking: call on a thread at scale)."""
+        for g in self.globs:
+            found = {Path(p).stem: p for p in sorted(glob.glob(g.pattern))}
+            for pair, path in found.items():
+                current = self.targets.get(pair)
+                if current is None and pair in self.table.pairs:
+                    continue  # an explicit [[watch]] of the same id wins
+                if current is None or current.path == path:
+                    self.watch(pair, path, g.slot, g.method, g.timing, g.failover)
+            for pair, target in list(self.targets.items()):
+                row = self.table.row(pair, "volume")
+                if (
+                    target.path not in found.values()
+                    and fnmatch.fnmatch(target.path, g.pattern)
+                    and row is not None
+                    and row.state == "retired"
+                ):
+                    log.info(
+                        "pair %s: retired volume %s is gone, no longer watched", pair, target.path
+                    )
+                    self.unwatch(pair)
+
+    def _push(self, due: float, target: Target) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, target))
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            if self.globs:
+                await anyio.to_thread.run_sync(self.rescan)
+                tg.start_soon(self._rescan_loop)
+            task_status.started()
+            while True:
+                self._tick(tg)
+                await anyio.sleep(self._sleep_time())
+
+    def _tick(self, tg: anyio.abc.TaskGroup) -> None:
+        self.pool.harvest()
+        now = self.clock.monotonic()
+        self.table.last_poll_tick = now
+        heap, batch, lag = self._heap, [], -1.0
+        while heap and heap[0][0] <= now + COALESCE:
+            due, seq, target = heapq.heappop(heap)
+            if not target.active:
+                continue
+            lag = max(lag, now - due)
+            if not target.inflight:
+                target.inflight, target.submitted = True, now
+                batch.append(target)
+            elif not target.hung and now - target.submitted > target.read_timeout:
+                self._mark_hung(target, now)
+            following = due + target.period
+            heapq.heappush(
+                heap, (following if following > now else now + target.period, seq, target)
+            )
+        if lag >= 0:
+            self.table.poll_lag = max(lag, 0.0)
+        self.table.workers_stuck = sum(
+            1 for t in self.pool.stuck(0.0) if now - t.submitted > t.read_timeout
+        )
+        for i in range(0, len(batch), BATCH):
+            tg.start_soon(self.pool.run, batch[i : i + BATCH])
+
+    def _sleep_time(self) -> float:
+        wait = self._heap[0][0] - self.clock.monotonic() if self._heap else 1.0
+        if self.pool.detached:
+            wait = min(wait, 0.05)  # harvest late results promptly
+        return min(max(wait, 0.0), 1.0)
+
+    async def _rescan_loop(self) -> None:
+        every = min(g.rescan for g in self.globs)
+        while True:
+            await anyio.sleep(every)
+            await anyio.to_thread.run_sync(self.rescan)
+
+    # -- results --------------------------------------------------------------------
+
+    def _mark_hung(self, target: Target, now: float) -> None:
+        target.hung = True
+        row = self.table.row(target.pair, "volume")
+        if row is None:
+            return
+        waited = now - target.submitted
+        before = row.state
+        row.observe_problem("io_hung", "io_hung", f"read has not returned for {waited:.1f} s", now)
+        self._log_change(target, before, row.evaluate(now), row.detail)
+
+    def _deliver(self, target: Target, out: ReadOutcome) -> None:
+        target.inflight = False
+        if not target.active:
+            _forget(target)
+            return
+        target.hung = False
+        row = self.table.row(target.pair, "volume")
+        if row is None:
+            return
+        now = self.clock.monotonic()
+        self.table.read_duration.observe(out.duration)
+        before = row.state
+        if out.record is not None:
+            seen = row.observe_record(out.record, now, self.clock.wall())
+            if seen in ("regression", "undead"):
+                log.warning("pair %s: %s", target.pair, row.note)
+        elif out.kind == "zeroed":
+            row.observe_zeroed(now)
+        else:
+            state = "invalid" if out.kind == "invalid" else "io_error"
+            row.observe_problem(state, out.reason, out.detail, now)
+        self._log_change(target, before, row.evaluate(now), row.detail)
+
+    @staticmethod
+    def _log_change(target: Target, before: str, after: str, detail: str) -> None:
+        if before != after:
+            extra = f" ({detail})" if detail and after != "alive" else ""
+            log.info(
+                "pair %s volume %s: %s -> %s%s", target.pair, target.path, before, after, extra
+            )

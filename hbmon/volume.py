@@ -1,0 +1,162 @@
+"""Heartbeat volume I/O: plain synchronous functions, called from worker threads.
+
+Block devices are read with O_DIRECT into a buffer aligned to the device's logical block
+size, because the array's remote copy writes underneath the host's page cache: a
+buffered reader would keep returning the page it cached first.  Writes are one aligned
+block with O_DIRECT|O_DSYNC, so a record is never torn across sectors and is on the
+device when the call returns.  Regular files (the demo, file-backed labs) are read
+normally and written with pwrite + fdatasync.
+
+Nothing here knows about time or the event loop; deadlines are enforced by the caller
+(:mod:`hbmon.workers`), which runs these functions on threads it can abandon.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+
+from hbmon.errors import RecordError, SlotTakenError, VolumeError
+from hbmon.record import RECORD_SIZE, SLOT_SIZE, Record, decode, describe_slot
+
+BLKSSZGET = 0x1268  # ioctl: logical block size of a block device
+FILE_READ_SIZE = 512
+
+
+@dataclass(eq=False)
+class Volume:
+    """An open heartbeat volume."""
+
+    path: str
+    fd: int
+    is_block: bool
+    block_size: int
+    writable: bool
+    buffer: mmap.mmap | None = field(default=None, repr=False)
+
+    @property
+    def io_size(self) -> int:
+        """Bytes read or written per slot: one logical block (512 for files)."""
+        return self.block_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+
+
+def open_volume(path: str, *, write: bool = False, create: bool = False) -> Volume:
+    """Open ``path`` for reading (or reading and writing).
+
+    With ``create`` a missing regular file is created (mode 0644); a missing block
+    device is an error.  Raises :class:`VolumeError` with reason ``missing``,
+    ``permission`` or ``io_error``.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not (write and create):
+            raise VolumeError(path, "does not exist", reason="missing") from None
+        st = None
+    except OSError as err:
+        raise _error(path, err) from None
+    is_block = st is not None and stat.S_ISBLK(st.st_mode)
+    flags = os.O_RDWR if write else os.O_RDONLY
+    flags |= os.O_CLOEXEC
+    if is_block:
+        flags |= os.O_DIRECT
+        if write:
+            flags |= os.O_DSYNC
+    elif write and create:
+        flags |= os.O_CREAT
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        raise _error(path, err) from None
+    try:
+        if is_block:
+            raw = fcntl.ioctl(fd, BLKSSZGET, b"\0\0\0\0")
+            block_size = struct.unpack("i", raw)[0]
+            if block_size < RECORD_SIZE or SLOT_SIZE % block_size:
+                raise VolumeError(
+                    path, f"logical block size {block_size} does not divide the 4096-byte slot"
+                )
+            buffer = mmap.mmap(-1, block_size)  # page aligned, so aligned for O_DIRECT
+        else:
+            if st is not None and not stat.S_ISREG(st.st_mode) and write:
+                raise VolumeError(path, "is neither a block device nor a regular file")
+            block_size, buffer = FILE_READ_SIZE, None
+    except BaseException:
+        os.close(fd)
+        raise
+    return Volume(path, fd, is_block, block_size, write, buffer)
+
+
+def read_slot(vol: Volume, slot: int) -> bytes:
+    """The first block of ``slot``: fewer bytes when the volume ends inside it."""
+    offset = slot * SLOT_SIZE
+    try:
+        if vol.buffer is not None:
+            n = os.preadv(vol.fd, [vol.buffer], offset)
+            return vol.buffer[:n]
+        return os.pread(vol.fd, vol.io_size, offset)
+    except OSError as err:
+        raise _error(vol.path, err) from None
+
+
+def write_slot(vol: Volume, slot: int, block: bytes) -> None:
+    """Write one block at the start of ``slot`` and make it durable."""
+    if not vol.writable:
+        raise VolumeError(vol.path, "was opened read-only")
+    if len(block) != vol.io_size:
+        raise ValueError(f"block of {len(block)} bytes, the volume takes {vol.io_size}")
+    offset = slot * SLOT_SIZE
+    assert len(block) <= SLOT_SIZE  # never a byte outside the slot
+    try:
+        if vol.buffer is not None:
+            vol.buffer[:] = block
+            n = os.pwritev(vol.fd, [vol.buffer], offset)
+        else:
+            n = os.pwrite(vol.fd, block, offset)
+            os.fdatasync(vol.fd)
+    except OSError as err:
+        raise _error(vol.path, err) from None
+    if n != len(block):
+        raise VolumeError(vol.path, f"short write at slot {slot}: {n} of {len(block)} bytes")
+
+
+def claim_slot(vol: Volume, slot: int, pair_id: str, *, force: bool = False) -> Record | None:
+    """Check that ``slot`` may be written for ``pair_id``; returns the record found, if any.
+
+    A zeroed slot, a slot past the end of a file, or a record of the same pair may be
+    written.  Anything else (another pair's record, foreign data) raises
+    :class:`SlotTakenError` unless ``force``.
+    """
+    data = read_slot(vol, slot)
+    try:
+        return decode(data, expected_id=pair_id)
+    except RecordError as err:
+        if err.reason == "zeroed" and not any(data):
+            return None
+        if err.reason == "truncated" and not vol.is_block and not any(data):
+            return None
+        if force:
+            return None
+        raise SlotTakenError(vol.path, slot, describe_slot(data)) from None
+
+
+def _error(path: str, err: OSError) -> VolumeError:
+    reason = {
+        errno.ENOENT: "missing",
+        errno.EACCES: "permission",
+        errno.EPERM: "permission",
+    }.get(err.errno or 0, "io_error")
+    return VolumeError(path, f"{err.strerror or err} (errno {err.errno})", reason=reason)
