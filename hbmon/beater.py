@@ -42,6 +42,8 @@ class BeatTarget:
     volume: Volume | None = None
     claimed: bool = False
     inflight: bool = False
+    submitted: float = 0.0
+    hung: bool = False
     record: Record | None = None  # the record being written
 
 
@@ -89,6 +91,8 @@ class Beater:
         self.clock = clock
         self.write_timeout = write_timeout
         self.targets: list[BeatTarget] = []
+        self.stopping = False
+        self._drained: anyio.Event | None = None
         self.pool: WorkerPool[BeatTarget, WriteOutcome] = WorkerPool(
             write_beat, self._deliver, clock=clock, threads=threads
         )
@@ -111,8 +115,10 @@ class Beater:
                 batch = []
                 while heap[0][0] <= now + 0.002:
                     due, i, target = heapq.heappop(heap)
-                    if not target.inflight:
+                    if not target.inflight and not self.stopping:
                         batch.append(self._prepare(target, State.ACTIVE))
+                    elif target.inflight and not target.hung:
+                        self._check_hung(target, now)
                     following = due + target.config.interval
                     if following <= now:
                         following = now + target.config.interval
@@ -127,7 +133,7 @@ class Beater:
     def _prepare(self, target: BeatTarget, state: State) -> BeatTarget:
         stats = target.stats
         stats.serial += 1
-        target.inflight = True
+        target.inflight, target.submitted = True, self.clock.monotonic()
         target.record = Record(
             pair_id=target.config.id,
             incarnation=stats.incarnation,
@@ -138,8 +144,18 @@ class Beater:
         )
         return target
 
+    def _check_hung(self, target: BeatTarget, now: float) -> None:
+        waited = now - target.submitted
+        if waited > self.write_timeout:
+            target.hung = True
+            target.stats.errors["io_hung"] += 1
+            target.stats.last_error = f"write to {target.stats.volume} stuck for {waited:.1f} s"
+            log.error("beat %s: %s", target.stats.pair, target.stats.last_error)
+
     def _deliver(self, target: BeatTarget, out: WriteOutcome) -> None:
-        target.inflight = False
+        target.inflight = target.hung = False
+        if self._drained is not None and not any(t.inflight for t in self.targets):
+            self._drained.set()
         stats = target.stats
         if not out.reason:
             stats.written += 1
@@ -154,12 +170,20 @@ class Beater:
             stats.last_error = out.detail
 
     async def stop(self) -> None:
-        """Write a ``stopping`` record for every beat (bounded by ``write_timeout``)."""
-        batch = [self._prepare(t, State.STOPPING) for t in self.targets if not t.inflight]
-        if not batch:
-            return
+        """Stop beating and write a ``stopping`` record for every beat.
+
+        Writes still in flight are waited for first, so the stopping record is the last
+        one written; the whole stop is bounded by ``write_timeout``.
+        """
+        self.stopping = True
         with anyio.move_on_after(self.write_timeout) as scope:
-            await self.pool.run(batch)
+            if any(t.inflight for t in self.targets):
+                self._drained = anyio.Event()
+                with anyio.move_on_after(self.pool.stall_after * 2):
+                    await self._drained.wait()
+            batch = [self._prepare(t, State.STOPPING) for t in self.targets if not t.inflight]
+            if batch:
+                await self.pool.run(batch)
         if scope.cancelled_caught:
             log.warning("stopping records not all written within %.1f s", self.write_timeout)
         else:
