@@ -11,10 +11,11 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hbmon import __version__
@@ -50,18 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     vsub = vol.add_subparsers(dest="action", required=True, parser_class=_Parser)
     init = vsub.add_parser("init", help="install a heartbeat volume (write the first record)")
     init.add_argument("path")
+    init.add_argument("--timeout", type=float, default=10.0, help="I/O deadline in seconds")
     init.add_argument("--id", required=True, help="pair identifier")
     init.add_argument("--slot", type=int, default=0)
     init.add_argument("--interval", default="1s", help="declared beat interval")
     init.add_argument("--force", action="store_true", help="overwrite foreign data in the slot")
     show = vsub.add_parser("show", help="decode and validate the record(s) on a volume")
     show.add_argument("path")
+    show.add_argument("--timeout", type=float, default=10.0, help="I/O deadline in seconds")
     show.add_argument("--slot", type=int, help="only this slot (default: every non-zero slot)")
     show.add_argument("--id", help="expected pair identifier (identity check)")
     show.add_argument("--max-slots", type=int, default=1024, help="slots to scan (default 1024)")
     show.add_argument("--json", action="store_true")
     retire = vsub.add_parser("retire", help="write a retired record (de-install)")
     retire.add_argument("path")
+    retire.add_argument("--timeout", type=float, default=10.0, help="I/O deadline in seconds")
     retire.add_argument("--id", required=True)
     retire.add_argument("--slot", type=int, default=0)
 
@@ -186,9 +190,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_volume(args: argparse.Namespace) -> int:
     if args.slot is not None and args.slot < 0:
         raise UsageError(f"--slot {args.slot}: a slot number is 0 or more")
-    return {"init": _volume_init, "show": _volume_show, "retire": _volume_retire}[args.action](
-        args
-    )
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout}: must be more than 0 seconds")
+    action = {"init": _volume_init, "show": _volume_show, "retire": _volume_retire}[args.action]
+    return with_deadline(lambda: action(args), args.timeout, args.path)
+
+
+def with_deadline(fn: Callable[[], int], seconds: float, path: str) -> int:
+    """Run blocking volume I/O with a deadline: a hung device must not hang the CLI.
+
+    The work runs on a daemon thread; if it has not finished in time the command fails
+    and the process may exit while the thread stays blocked in the kernel.
+    """
+    result: list[int] = []
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(fn())
+        except BaseException as err:
+            failure.append(err)
+
+    worker = threading.Thread(target=work, name="hbmon volume I/O", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise VolumeError(path, f"no answer within {seconds:g} s (hung device or FIFO?)", "io_hung")
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 def _volume_init(args: argparse.Namespace) -> int:

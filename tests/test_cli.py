@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,17 @@ def test_status_without_daemon_says_what_to_do(capsys: pytest.CaptureFixture[str
     code, _, err = run(capsys, "status", "--url", "http://127.0.0.1:9")
     assert code == 1
     assert "is `hbmon run` or `hbmon demo` running" in err
+
+
+def test_volume_show_on_a_hung_volume_gives_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "hung.vol"
+    os.mkfifo(fifo)  # opening it for reading blocks until a writer appears: a hung device
+    try:
+        code, _, err = run(capsys, "volume", "show", str(fifo), "--timeout", "0.3")
+        assert code == 1
+        assert "no answer within 0.3 s" in err
+    finally:
+        fd = os.open(fifo, os.O_WRONLY)  # lets the abandoned thread finish
+        os.close(fd)
