@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
@@ -22,6 +22,7 @@ import anyio.abc
 from hbmon.clock import Clock
 from hbmon.config import BeatConfig
 from hbmon.errors import SlotTakenError, VolumeError
+from hbmon.netbeat import BEAT, NetSender, resolve_peers
 from hbmon.record import Record, State
 from hbmon.status import StatusTable, WriterStats
 from hbmon.volume import Volume, claim_slot, open_volume, write_slot
@@ -41,9 +42,12 @@ class BeatTarget:
     stats: WriterStats
     volume: Volume | None = None
     claimed: bool = False
+    peers: list[tuple[str, int]] = field(default_factory=list)
     inflight: bool = False
     submitted: float = 0.0
     hung: bool = False
+    paused: bool = False  # no beats on either path (stop, lab fault injection)
+    removed: bool = False
     record: Record | None = None  # the record being written
 
 
@@ -76,7 +80,13 @@ def write_beat(target: BeatTarget) -> WriteOutcome:
 
 
 class Beater:
-    """Writes the heartbeats of every ``[[beat]]`` of a site."""
+    """Writes (and sends) the heartbeats of every ``[[beat]]`` of a site.
+
+    Each interval a beat gets a new record: it goes to the network peers at once and to
+    the PVOL through the worker pool.  The two paths are independent: a hung PVOL write
+    does not stop the network beats (the watcher then says ``link_down``, not
+    ``host_down``).
+    """
 
     def __init__(
         self,
@@ -86,55 +96,88 @@ class Beater:
         *,
         threads: int = 4,
         write_timeout: float = 2.0,
+        sender: NetSender | None = None,
     ) -> None:
         self.table = table
         self.clock = clock
         self.write_timeout = write_timeout
-        self.targets: list[BeatTarget] = []
+        self.sender = sender
+        self.targets: dict[str, BeatTarget] = {}
         self.stopping = False
         self._drained: anyio.Event | None = None
+        self._heap: list[tuple[float, int, BeatTarget]] = []
+        self._seq = 0
+        self._wake = anyio.Event()
         self.pool: WorkerPool[BeatTarget, WriteOutcome] = WorkerPool(
             write_beat, self._deliver, clock=clock, threads=threads
         )
+        self.configure(beats)
+
+    def configure(self, beats: tuple[BeatConfig, ...]) -> list[BeatTarget]:
+        """Beat for ``beats``; a beat whose id, volume and slot are unchanged keeps its
+        incarnation and serial.  Returns the targets no longer configured."""
+        wanted = {cfg.id: cfg for cfg in beats}
+        gone = []
+        for pair, target in list(self.targets.items()):
+            cfg = wanted.get(pair)
+            if cfg is None or (cfg.volume, cfg.slot) != (target.config.volume, target.config.slot):
+                target.removed = True
+                gone.append(self.targets.pop(pair))
+                self.table.writers.pop(pair, None)
+        now = self.clock.monotonic()
         for cfg in beats:
+            peers = resolve_peers(cfg.peers) if self.sender is not None else []
+            existing = self.targets.get(cfg.id)
+            if existing is not None:
+                existing.config, existing.peers = cfg, peers
+                continue
             stats = WriterStats(cfg.id, str(cfg.volume), cfg.slot, new_incarnation())
-            table.writers[cfg.id] = stats
-            self.targets.append(BeatTarget(cfg, stats))
+            self.table.writers[cfg.id] = stats
+            fresh = self.targets[cfg.id] = BeatTarget(cfg, stats, peers=peers)
+            self._seq += 1
+            heapq.heappush(self._heap, (now, self._seq, fresh))
+        self._wake.set()
+        return gone
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        now = self.clock.monotonic()
-        heap = [(now, i, t) for i, t in enumerate(self.targets)]
-        heapq.heapify(heap)
+        heap = self._heap
         async with anyio.create_task_group() as tg:
             task_status.started()
-            while heap:
+            while True:
                 self.pool.harvest()
                 now = self.clock.monotonic()
                 batch = []
-                while heap[0][0] <= now + 0.002:
-                    due, i, target = heapq.heappop(heap)
-                    if not target.inflight and not self.stopping:
-                        batch.append(self._prepare(target, State.ACTIVE))
-                    elif target.inflight and not target.hung:
-                        self._check_hung(target, now)
+                while heap and heap[0][0] <= now + 0.002:
+                    due, seq, target = heapq.heappop(heap)
+                    if target.removed:
+                        continue
+                    if not target.paused and not self.stopping:
+                        record = self._next_record(target, State.ACTIVE)
+                        self._send(target, BEAT, record)
+                        if target.inflight:
+                            if not target.hung:
+                                self._check_hung(target, now)
+                        else:
+                            batch.append(self._submit(target, record))
                     following = due + target.config.interval
                     if following <= now:
                         following = now + target.config.interval
-                    heapq.heappush(heap, (following, i, target))
+                    heapq.heappush(heap, (following, seq, target))
                 if batch:
                     tg.start_soon(self.pool.run, batch)
-                wait = heap[0][0] - self.clock.monotonic()
+                wait = heap[0][0] - self.clock.monotonic() if heap else 1.0
                 if self.pool.detached:
                     wait = min(wait, 0.05)
-                await anyio.sleep(max(wait, 0.0))
+                self._wake = anyio.Event()
+                with anyio.move_on_after(max(wait, 0.0)):
+                    await self._wake.wait()
 
-    def _prepare(self, target: BeatTarget, state: State) -> BeatTarget:
+    def _next_record(self, target: BeatTarget, state: State) -> Record:
         stats = target.stats
         stats.serial += 1
-        target.inflight, target.submitted = True, self.clock.monotonic()
-        target.record = Record(
+        return Record(
             pair_id=target.config.id,
             incarnation=stats.incarnation,
             serial=stats.serial,
@@ -142,7 +185,24 @@ class Beater:
             interval=target.config.interval,
             state=state,
         )
+
+    def _submit(self, target: BeatTarget, record: Record) -> BeatTarget:
+        target.record = record
+        target.inflight, target.submitted = True, self.clock.monotonic()
         return target
+
+    def _send(self, target: BeatTarget, kind: int, record: Record) -> None:
+        if self.sender is None or not target.peers:
+            return
+        errors = self.sender.send(kind, record, target.peers)
+        stats = target.stats
+        if errors:
+            stats.errors["net_send"] += 1
+            if stats.last_error != errors[0]:
+                log.warning("beat %s: network beat not sent: %s", stats.pair, "; ".join(errors))
+                stats.last_error = errors[0]
+        else:
+            stats.sent += 1
 
     def _check_hung(self, target: BeatTarget, now: float) -> None:
         waited = now - target.submitted
@@ -154,7 +214,7 @@ class Beater:
 
     def _deliver(self, target: BeatTarget, out: WriteOutcome) -> None:
         target.inflight = target.hung = False
-        if self._drained is not None and not any(t.inflight for t in self.targets):
+        if self._drained is not None and not any(t.inflight for t in self.targets.values()):
             self._drained.set()
         stats = target.stats
         if not out.reason:
@@ -176,21 +236,32 @@ class Beater:
         one written; the whole stop is bounded by ``write_timeout``.
         """
         self.stopping = True
+        await self.stop_targets(list(self.targets.values()))
+
+    async def stop_targets(self, targets: list[BeatTarget]) -> None:
+        """Write (and send) a ``stopping`` record for each of ``targets``."""
+        for target in targets:
+            target.paused = True
         with anyio.move_on_after(self.write_timeout) as scope:
-            if any(t.inflight for t in self.targets):
+            if any(t.inflight for t in targets):
                 self._drained = anyio.Event()
                 with anyio.move_on_after(self.pool.stall_after * 2):
                     await self._drained.wait()
-            batch = [self._prepare(t, State.STOPPING) for t in self.targets if not t.inflight]
+            batch = []
+            for target in targets:
+                record = self._next_record(target, State.STOPPING)
+                self._send(target, BEAT, record)
+                if not target.inflight:
+                    batch.append(self._submit(target, record))
             if batch:
                 await self.pool.run(batch)
         if scope.cancelled_caught:
             log.warning("stopping records not all written within %.1f s", self.write_timeout)
         else:
-            log.info("wrote stopping records for %d beat(s)", len(batch))
+            log.info("wrote stopping records for %d beat(s)", len(targets))
 
     def close(self) -> None:
-        for target in self.targets:
+        for target in self.targets.values():
             if target.volume is not None and not target.inflight:
                 target.volume.close()
                 target.volume = None

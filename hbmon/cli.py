@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(f"--listen: {err}") from None
     site = Site(config, listen=args.listen)
     try:
-        anyio.run(run_daemon, site)
+        anyio.run(run_daemon, site, args.config)
     except OSError as err:
         raise HbmonError(f"cannot start site {config.site!r}: {err}") from None
     stuck = threads_left_stuck()

@@ -317,7 +317,30 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
     )
     top.done()
     _check_unique(config)
+    _check_network(config)
     return config
+
+
+def _check_network(config: SiteConfig) -> None:
+    if config.network.key_file is not None:
+        return
+    for i, beat in enumerate(config.beats):
+        if beat.peers:
+            raise ConfigError(
+                config.source,
+                "network.key_file",
+                f"is required: beat[{i}] ({beat.id!r}) sends network beats to its peers",
+            )
+    methods = [(f"watch[{i}]", w.method) for i, w in enumerate(config.watches)]
+    methods += [(f"watch_glob[{i}]", g.method) for i, g in enumerate(config.watch_globs)]
+    for where, method in methods:
+        if method != "volume":
+            raise ConfigError(
+                config.source,
+                "network.key_file",
+                f"is required: {where} checks the network path (method {method!r}); "
+                'set method = "volume" to watch the volume only',
+            )
 
 
 def _check_unique(config: SiteConfig) -> None:

@@ -123,8 +123,10 @@ class Poller:
         failover: tuple[str, ...] = (),
     ) -> None:
         existing = self.targets.get(pair)
-        if existing is not None and (existing.path, existing.slot) != (path, slot):
-            self.unwatch(pair)
+        if existing is not None and (
+            (existing.path, existing.slot) != (path, slot) or method == "network"
+        ):
+            self._drop_target(pair)
             existing = None
         self.table.add_pair(pair, method, timing, volume=path, slot=slot, failover=failover)
         if method == "network":
@@ -139,12 +141,21 @@ class Poller:
         self._push(self.clock.monotonic() + phase, target)
 
     def unwatch(self, pair: str) -> None:
+        self._drop_target(pair)
+        self.table.remove_pair(pair)
+
+    def _drop_target(self, pair: str) -> None:
         target = self.targets.pop(pair, None)
         if target is not None:
             target.active = False
             if not target.inflight:
                 _forget(target)
-        self.table.remove_pair(pair)
+
+    def matches_glob(self, pair: str) -> bool:
+        target = self.targets.get(pair)
+        return target is not None and any(
+            fnmatch.fnmatch(target.path, g.pattern) for g in self.globs
+        )
 
     def rescan(self) -> None:
         """Expand the ``[[watch_glob]]`` patterns (blocking: call on a thread at scale)."""
@@ -181,7 +192,7 @@ class Poller:
         async with anyio.create_task_group() as tg:
             if self.globs:
                 await anyio.to_thread.run_sync(self.rescan)
-                tg.start_soon(self._rescan_loop)
+            tg.start_soon(self._rescan_loop)
             task_status.started()
             while True:
                 self._tick(tg)
@@ -221,10 +232,10 @@ class Poller:
         return min(max(wait, 0.0), 1.0)
 
     async def _rescan_loop(self) -> None:
-        every = min(g.rescan for g in self.globs)
         while True:
-            await anyio.sleep(every)
-            await anyio.to_thread.run_sync(self.rescan)
+            await anyio.sleep(min((g.rescan for g in self.globs), default=10.0))
+            if self.globs:
+                await anyio.to_thread.run_sync(self.rescan)
 
     # -- results --------------------------------------------------------------------
 
@@ -249,6 +260,7 @@ class Poller:
             return
         now = self.clock.monotonic()
         self.table.read_duration.observe(out.duration)
+        row.observe_latency(out.duration)
         before = row.state
         if out.record is not None:
             seen = row.observe_record(out.record, now, self.clock.wall())

@@ -13,12 +13,15 @@ import threading
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from hbmon.beater import Beater
 from hbmon.clock import Clock, SystemClock
-from hbmon.config import SiteConfig, parse_hostport
+from hbmon.config import SiteConfig, load_config, parse_hostport
+from hbmon.errors import HbmonError
 from hbmon.http import HttpApi, serve_http
 from hbmon.metrics import make_registry
+from hbmon.netbeat import NetListener, NetSender, load_key
 from hbmon.poller import Poller
 from hbmon.status import StatusTable
 
@@ -38,6 +41,13 @@ class Site:
         self.listen = listen or config.listen
         self.table = StatusTable(self.clock, site=config.site)
         self.registry = make_registry(self.table)
+        key = load_key(config.network.key_file) if config.network.key_file else None
+        self.sender = NetSender(key) if key is not None else None
+        self.listener = (
+            NetListener(self.table, self.clock, key, config.network.listen)
+            if key is not None
+            else None
+        )
         self.poller = Poller(self.table, self.clock, threads=config.io_threads)
         self.poller.configure(config)
         self.beater = Beater(
@@ -45,6 +55,7 @@ class Site:
             self.clock,
             config.beats,
             write_timeout=config.timing.read_timeout,
+            sender=self.sender,
         )
         self.api = HttpApi(self.table, self.registry)
         self.address: tuple[str, int] | None = None
@@ -56,6 +67,8 @@ class Site:
         try:
             async with anyio.create_task_group() as tg:
                 self.address = await tg.start(serve_http, self.api.app(), host, port)
+                if self.listener is not None:
+                    await tg.start(self.listener.run)
                 await tg.start(self.poller.run)
                 await tg.start(self.beater.run)
                 log.info(
@@ -67,6 +80,30 @@ class Site:
                 task_status.started(self.address)
         finally:
             self.beater.close()
+            if self.sender is not None:
+                self.sender.close()
+
+    async def reload(self, config: SiteConfig) -> None:
+        """Apply a new configuration: pairs added and removed, the others keep their state.
+
+        The network key and the HTTP and UDP listen addresses are taken at start only.
+        """
+        self.poller.configure(config)
+        await anyio.to_thread.run_sync(self.poller.rescan)
+        explicit = {w.id for w in config.watches}
+        for pair in list(self.table.pairs):
+            if pair not in explicit and not self.poller.matches_glob(pair):
+                self.poller.unwatch(pair)
+        gone = self.beater.configure(config.beats)
+        self.config = config
+        log.info(
+            "configuration reloaded: %d beat(s), %d watched pair(s)%s",
+            len(config.beats),
+            len(self.table.pairs),
+            f"; {len(gone)} beat(s) stopped" if gone else "",
+        )
+        if gone:
+            await self.beater.stop_targets(gone)
 
     async def stop(self) -> None:
         """Announce a planned stop on every PVOL (the caller cancels afterwards)."""
@@ -74,16 +111,34 @@ class Site:
             await self.beater.stop()
 
 
-async def run_daemon(site: Site) -> None:
-    """``hbmon run``: serve until SIGTERM/SIGINT, then stop gracefully."""
+async def run_daemon(site: Site, config_path: str | None = None) -> None:
+    """``hbmon run``: serve until SIGTERM/SIGINT, then stop gracefully.
+
+    SIGHUP re-reads ``config_path``; a configuration that does not validate is logged
+    and ignored, and the running one stays in force.
+    """
     async with anyio.create_task_group() as tg:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             await tg.start(site.run)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await _reload(site, config_path)
+                    continue
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 break
         await site.stop()
         tg.cancel_scope.cancel()
+
+
+async def _reload(site: Site, config_path: str | None) -> None:
+    if config_path is None:
+        log.warning("SIGHUP: no configuration file to reload")
+        return
+    try:
+        config = await anyio.to_thread.run_sync(load_config, config_path)
+        await site.reload(config)
+    except HbmonError as err:
+        log.error("SIGHUP: new configuration rejected, the running one stays: %s", err)
 
 
 def threads_left_stuck(wait: float = 0.5) -> int:

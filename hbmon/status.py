@@ -15,6 +15,8 @@ Rules (documented for operators in docs/metrics.md):
 * A row that has never seen a beat is ``awaiting`` during the start-up grace period and
   ``stale`` after it, unless the record is an install record (serial 0), which waits for
   its first beat for as long as it takes.
+* A pair announced over the network (activation) or installed by ``hbmon volume
+  init`` waits in ``awaiting`` for its first beat without a time limit.
 * After any failure state (stale, invalid, io_error, io_hung) the row keeps showing it
   until ``recover_beats`` new beats have arrived (hysteresis).
 """
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from hbmon.clock import Clock
 from hbmon.config import Timing
 from hbmon.record import Record, State
+from hbmon.verdict import FRESH, single_path_note, verdict
 
 PATHS = ("volume", "network")
 STATES = (
@@ -41,7 +44,6 @@ STATES = (
     "stopped",
     "retired",
 )
-FRESH = frozenset({"alive", "late"})
 FAILED = frozenset({"stale", "invalid", "io_error", "io_hung"})
 #: Worst first, for sorting tables.
 _WORST_FIRST = (
@@ -95,6 +97,8 @@ class PathRow:
     errors: Counter[str] = field(default_factory=Counter)
     old_incarnations: deque[int] = field(default_factory=lambda: deque(maxlen=_KEEP_INCARNATIONS))
     note: str = ""
+    installed: bool = False  # announced or install record seen: await the first beat
+    slowest_read: float = 0.0  # decaying maximum of read latency, for timing checks
 
     def __post_init__(self) -> None:
         if not self.poll_period:
@@ -102,16 +106,21 @@ class PathRow:
 
     # -- observations -------------------------------------------------------------
 
-    def observe_record(self, rec: Record, now: float, wall: float) -> str:
+    def observe_record(self, rec: Record, now: float, wall: float, *, sent: bool = False) -> str:
         """Take a valid record read at monotonic ``now``; returns what it was.
 
         One of ``baseline``, ``beat``, ``restart``, ``same``, ``regression``, ``undead``.
+        A record read from a volume may be old, so the first one is only a baseline; a
+        record ``sent`` over the network was written just now and is a beat at once.
         """
         self.last_read = now
         if self.problem is not None:
             self.problem = self.reason = None
             self.detail = ""
         if self.incarnation is None:
+            if sent:
+                self._beat(rec, now, wall)
+                return "beat"
             self._take(rec)
             return "baseline"
         if rec.incarnation != self.incarnation:
@@ -132,6 +141,49 @@ class PathRow:
             self.note = f"serial went back from {self.serial} to {rec.serial} (not taken as a beat)"
             return "regression"
         return "same"
+
+    def observe_install(self, now: float) -> bool:
+        """An activation (install) announcement; returns False when it changes nothing.
+
+        A pair that has beaten already stays as it is; a retired or never-seen pair
+        waits for its first beat, however long that takes.
+        """
+        if self.last_change is not None and self.record_state is not State.RETIRED:
+            return False
+        self.installed, self.created = True, now
+        if self.record_state is State.RETIRED:
+            self.record_state = None
+            self.last_change = None
+        self.trusted, self.held, self.good_streak = True, None, 0
+        return True
+
+    def observe_latency(self, seconds: float) -> None:
+        self.slowest_read = max(seconds, self.slowest_read * 0.98)
+
+    def timing_warnings(self) -> list[str]:
+        """Disagreements between writer and reader timing (empty when all is well)."""
+        t, out = self.timing, []
+        declared = self.declared_interval
+        if declared is not None and abs(declared - t.interval) > 0.01 * t.interval:
+            out.append("interval_mismatch")
+        if self.slowest_read >= (t.miss_threshold - 1) * t.interval:
+            out.append("threshold_too_short")
+        return out
+
+    def timing_note(self) -> str:
+        t, notes = self.timing, []
+        for warning in self.timing_warnings():
+            if warning == "interval_mismatch":
+                notes.append(
+                    f"writer declares interval {self.declared_interval:g} s, "
+                    f"this reader expects {t.interval:g} s"
+                )
+            else:
+                notes.append(
+                    f"a read took {self.slowest_read:.1f} s: miss_threshold {t.miss_threshold}"
+                    f" x interval {t.interval:g} s leaves too little room"
+                )
+        return "; ".join(notes)
 
     def observe_zeroed(self, now: float) -> None:
         """An all-zero slot: not yet claimed if we never saw a record, else wiped."""
@@ -165,6 +217,7 @@ class PathRow:
         self.last_change = now
         self.skew = rec.writer_time - wall
         self.beats_seen += 1
+        self.installed = False
         self.gap_missed = 0
         self.note = ""
         if not self.trusted:
@@ -185,7 +238,7 @@ class PathRow:
         if self.last_change is None:
             since = now - self.created - self.timing.startup_grace
             base = since + self.timing.interval * self.timing.miss_threshold
-            if since <= 0 or self.serial == 0:
+            if since <= 0 or self.serial == 0 or self.installed:
                 return 0
         else:
             base = now - self.last_change
@@ -201,7 +254,7 @@ class PathRow:
             return "stopped"
         t = self.timing
         if self.last_change is None:
-            if self.serial == 0 or now - self.created < t.startup_grace:
+            if self.serial == 0 or self.installed or now - self.created < t.startup_grace:
                 return "awaiting"
             return "stale"
         age = now - self.last_change
@@ -245,6 +298,16 @@ class Pair:
     slot: int = 0
     failover: tuple[str, ...] = ()
     rows: dict[str, PathRow] = field(default_factory=dict)
+    verdict: str = "unknown"
+
+    def judge(self, now: float) -> str:
+        """Evaluate every path and derive the verdict."""
+        self.verdict = verdict({path: row.evaluate(now) for path, row in self.rows.items()})
+        return self.verdict
+
+    @property
+    def verdict_note(self) -> str:
+        return single_path_note(self.method, self.verdict)
 
 
 @dataclass(slots=True)
@@ -257,6 +320,7 @@ class WriterStats:
     incarnation: int
     serial: int = 0
     written: int = 0
+    sent: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     last_error: str = ""
     last_write: float | None = None
@@ -319,6 +383,7 @@ class StatusTable:
         self.poll_lag = 0.0
         self.workers_stuck = 0
         self.io_backend = "threads"
+        self.net_rejected: Counter[str] = Counter()
         self.started = clock.monotonic()
         self.last_poll_tick = self.started
 
@@ -343,10 +408,12 @@ class StatusTable:
         wanted = PATHS if method == "both" else (method,)
         for path in wanted:
             row = pair.rows.get(path)
+            # Network beats arrive when sent, not when polled: half an interval of slack.
+            period = timing.interval if path == "volume" else timing.interval / 2
             if row is None:
-                pair.rows[path] = PathRow(pair_id, path, timing, created=now)
+                pair.rows[path] = PathRow(pair_id, path, timing, created=now, poll_period=period)
             else:
-                row.timing = timing
+                row.timing, row.poll_period = timing, period
         for path in list(pair.rows):
             if path not in wanted:
                 del pair.rows[path]
@@ -366,8 +433,7 @@ class StatusTable:
         """Bring every row up to now; returns the monotonic time used."""
         now = self.clock.monotonic()
         for pair in self.pairs.values():
-            for row in pair.rows.values():
-                row.evaluate(now)
+            pair.judge(now)
         return now
 
     def snapshot(self) -> list[dict[str, object]]:
@@ -382,6 +448,8 @@ class StatusTable:
                         "pair": row.pair,
                         "path": row.path,
                         "method": pair.method,
+                        "verdict": pair.verdict,
+                        "verdict_note": pair.verdict_note,
                         "state": row.state,
                         "up": row.up,
                         "serial": row.serial,
@@ -397,6 +465,8 @@ class StatusTable:
                         "reason": row.reason,
                         "detail": row.detail,
                         "note": row.note,
+                        "warnings": row.timing_warnings(),
+                        "timing_note": row.timing_note(),
                         "volume": pair.volume,
                         "slot": pair.slot,
                         "errors": dict(row.errors),

@@ -13,6 +13,7 @@ from hbmon.record import SLOT_SIZE, Record, State, decode
 
 GOOD = """
 site = "osaka"
+method = "volume"
 interval = "1s"
 [[watch]]
 id = "db1"

@@ -1,0 +1,206 @@
+"""Network heartbeats: the same record over UDP, authenticated with HMAC-SHA256.
+
+A datagram is ``b"HBN1"``, one kind byte, the 128-byte record and an HMAC-SHA256 of
+everything before it under a shared key (the key file must not be world-readable).
+Kinds: ``1`` beat, ``2`` activation (a pair was installed: expect its first beat, do not
+alert meanwhile), ``3`` retirement (de-installed: stop expecting beats).
+
+The listener never crashes on what arrives: a datagram that fails authentication,
+replays an old serial or incarnation, is malformed, names a pair this site does not
+watch, or carries a writer time outside the accepted window is dropped and counted by
+reason in ``hbmon_network_rejected_total{reason}``; it never counts as a beat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from hbmon.clock import Clock
+from hbmon.config import parse_hostport
+from hbmon.errors import ConfigError, RecordError
+from hbmon.record import RECORD_SIZE, Record, decode
+from hbmon.status import StatusTable
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"HBN1"
+BEAT, ACTIVATE, RETIRE = 1, 2, 3
+KINDS = {BEAT: "beat", ACTIVATE: "activate", RETIRE: "retire"}
+MAC_SIZE = 32
+DATAGRAM_SIZE = len(MAGIC) + 1 + RECORD_SIZE + MAC_SIZE
+MIN_KEY_BYTES = 16
+REJECT_REASONS = ("malformed", "bad_mac", "replay", "unknown_pair", "out_of_window")
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def load_key(path: Path, key_name: str = "network.key_file") -> bytes:
+    """Read the shared key; refuse one that others may read or that is too short."""
+    try:
+        st = os.stat(path)
+        if st.st_mode & stat.S_IROTH:
+            raise ConfigError(
+                str(path),
+                key_name,
+                f"key file is world-readable (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"run `chmod 600 {path}`",
+            )
+        key = path.read_bytes().strip()
+    except OSError as err:
+        raise ConfigError(str(path), key_name, f"cannot read key file: {err.strerror}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(
+            str(path),
+            key_name,
+            f"key is {len(key)} bytes; use at least {MIN_KEY_BYTES} "
+            "(e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+        )
+    return key
+
+
+def encode_datagram(key: bytes, kind: int, record: Record) -> bytes:
+    body = MAGIC + bytes([kind]) + record.encode()
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+def decode_datagram(key: bytes, data: bytes) -> tuple[int, Record]:
+    """Authenticate and decode; raises :class:`Rejected` with the reason."""
+    if len(data) != DATAGRAM_SIZE or not data.startswith(MAGIC):
+        raise Rejected("malformed", f"{len(data)} bytes, not an hbmon datagram")
+    body, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
+    if not hmac.compare_digest(mac, hmac.new(key, body, hashlib.sha256).digest()):
+        raise Rejected("bad_mac", "authentication failed (wrong key or altered datagram)")
+    kind = body[len(MAGIC)]
+    if kind not in KINDS:
+        raise Rejected("malformed", f"unknown kind {kind}")
+    try:
+        record = decode(body[len(MAGIC) + 1 :])
+    except RecordError as err:
+        raise Rejected("malformed", str(err)) from None
+    return kind, record
+
+
+def resolve_peers(peers: Iterable[str]) -> list[tuple[str, int]]:
+    """``HOST:PORT`` strings to socket addresses (blocking: resolves names)."""
+    out = []
+    for peer in peers:
+        host, port = parse_hostport(peer)
+        info = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+        out.append((str(info[0][4][0]), int(info[0][4][1])))
+    return out
+
+
+class NetSender:
+    """Sends records to peers from one non-blocking UDP socket (never waits)."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.drop: Callable[[Record], bool] = lambda record: False  # fault injection hook
+
+    def send(self, kind: int, record: Record, peers: Iterable[tuple[str, int]]) -> list[str]:
+        """Send to every peer; returns the errors (empty when all went out)."""
+        if self.drop(record):
+            return []
+        data = encode_datagram(self.key, kind, record)
+        errors = []
+        for addr in peers:
+            try:
+                self.sock.sendto(data, addr)
+            except OSError as err:
+                errors.append(f"{addr[0]}:{addr[1]}: {err.strerror or err}")
+        return errors
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class NetListener:
+    """Receives network beats into the ``network`` rows of the status table."""
+
+    def __init__(
+        self,
+        table: StatusTable,
+        clock: Clock,
+        key: bytes,
+        listen: str,
+        *,
+        max_skew: float = 3600.0,
+    ) -> None:
+        self.table = table
+        self.clock = clock
+        self.key = key
+        self.host, self.port = parse_hostport(listen, default_host="0.0.0.0")
+        self.max_skew = max_skew
+        self.drop: Callable[[Record], bool] = lambda record: False  # fault injection hook
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with await anyio.create_udp_socket(
+            family=socket.AF_INET, local_host=self.host, local_port=self.port
+        ) as sock:
+            port = sock.extra(anyio.abc.SocketAttribute.local_port)
+            log.info("network beats on udp %s:%d", self.host, port)
+            task_status.started(port)
+            async for data, addr in sock:
+                try:
+                    self.handle(data)
+                except Rejected as rej:
+                    self.table.net_rejected[rej.reason] += 1
+                    log.debug("rejected datagram from %s: %s", addr, rej)
+                except Exception:  # never let one datagram stop the listener
+                    self.table.net_rejected["malformed"] += 1
+                    log.exception("datagram from %s could not be handled", addr)
+
+    def handle(self, data: bytes) -> str:
+        """Take one datagram; returns what it was (raises :class:`Rejected`)."""
+        kind, record = decode_datagram(self.key, data)
+        row = self.table.row(record.pair_id, "network")
+        if row is None:
+            raise Rejected("unknown_pair", f"pair {record.pair_id!r} is not watched here")
+        if self.drop(record):
+            return "dropped"
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        if abs(record.writer_time - wall) > self.max_skew:
+            raise Rejected(
+                "out_of_window",
+                f"writer time {record.writer_time - wall:+.0f} s from ours (max {self.max_skew:g})",
+            )
+        if record.incarnation in row.old_incarnations or (
+            record.incarnation == row.incarnation
+            and row.serial is not None
+            and record.serial <= row.serial
+            and record.state == row.record_state
+        ):
+            raise Rejected("replay", f"serial {record.serial} of {record.incarnation:#x} seen")
+        pair = self.table.pairs[record.pair_id]
+        before = pair.verdict
+        if kind == ACTIVATE:
+            changed = [r.observe_install(now) for r in pair.rows.values()]
+            if any(changed):
+                log.info(
+                    "pair %s: installed (activation received), awaiting its first beat", pair.id
+                )
+            result = "activate"
+        else:
+            result = row.observe_record(record, now, wall, sent=True)
+        after = pair.judge(now)
+        if before != after:
+            log.info("pair %s: verdict %s -> %s", pair.id, before, after)
+        return result

@@ -1,0 +1,80 @@
+"""The per-pair verdict, derived from the states of the pair's configured paths.
+
+With both paths (the patent's FIG. 8, method ``both``) hbmon can tell a dead host from a
+broken link: the storage link and the network are independent routes between the sites.
+
+=====================  =====================  ======================
+volume path            network path           verdict
+=====================  =====================  ======================
+fresh                  fresh                  ``alive``
+stale                  stale                  ``host_down``
+fresh                  stale                  ``network_partition``
+stale                  fresh                  ``link_down``
+fresh                  anything else          ``degraded``
+anything else          fresh                  ``degraded``
+neither fresh nor both stale                  ``unknown``
+=====================  =====================  ======================
+
+``fresh`` is ``alive`` or ``late``.  A pair checked on one path only says ``alive`` or
+``host_down`` from that path alone; :func:`single_path_note` says why that ``host_down``
+may be a broken link instead.  Lifecycle verdicts come first: ``retired`` when any path
+reads a retired record, ``stopped`` for a planned stop, ``awaiting`` before the first
+beat of an installed pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+#: Path states that count as fresh.
+FRESH = frozenset({"alive", "late"})
+
+VERDICTS = (
+    "alive",
+    "host_down",
+    "network_partition",
+    "link_down",
+    "degraded",
+    "unknown",
+    "awaiting",
+    "stopped",
+    "retired",
+)
+
+
+def verdict(states: Mapping[str, str]) -> str:
+    """The verdict for a pair whose configured paths are in ``states`` (path -> state)."""
+    values = set(states.values())
+    if not values:
+        return "unknown"
+    if "retired" in values:
+        return "retired"
+    if "stopped" in values and not values & FRESH:
+        return "stopped"
+    if values == {"awaiting"}:
+        return "awaiting"
+    fresh = {path for path, state in states.items() if state in FRESH}
+    stale = {path for path, state in states.items() if state == "stale"}
+    if len(fresh) == len(states):
+        return "alive"
+    if len(stale) == len(states):
+        return "host_down"
+    if len(states) == 2:
+        if fresh == {"volume"} and stale == {"network"}:
+            return "network_partition"
+        if fresh == {"network"} and stale == {"volume"}:
+            return "link_down"
+    if fresh:
+        return "degraded"
+    return "unknown"
+
+
+_ONE_PATH = {
+    "volume": "only the volume path is checked: a stopped remote copy looks like a dead host",
+    "network": "only the network path is checked: a network partition looks like a dead host",
+}
+
+
+def single_path_note(method: str, result: str) -> str:
+    """Why a one-path ``host_down`` is weaker than it looks ("" when it is not)."""
+    return _ONE_PATH.get(method, "") if result == "host_down" else ""
