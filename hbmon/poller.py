@@ -85,6 +85,11 @@ def read_target(target: Target) -> ReadOutcome:
     return ReadOutcome("record", record, "", "", duration)
 
 
+def scan_globs(globs: tuple[WatchGlobConfig, ...]) -> list[dict[str, str]]:
+    """For each pattern, pair id (file stem) -> path of what it matches now (blocking)."""
+    return [{Path(p).stem: p for p in sorted(glob.glob(g.pattern))} for g in globs]
+
+
 def _forget(target: Target) -> None:
     if target.volume is not None:
         target.volume.close()
@@ -157,20 +162,25 @@ class Poller:
             fnmatch.fnmatch(target.path, g.pattern) for g in self.globs
         )
 
-    def rescan(self) -> None:
-        """Expand the ``[[watch_glob]]`` patterns (blocking: call on a thread at scale)."""
-        for g in self.globs:
-            found = {Path(p).stem: p for p in sorted(glob.glob(g.pattern))}
-            for pair, path in found.items():
+    async def rescan(self) -> None:
+        """Expand the ``[[watch_glob]]`` patterns (on a thread) and watch what they match."""
+        globs = self.globs
+        found = await anyio.to_thread.run_sync(scan_globs, globs)
+        self.apply_scan(globs, found)
+
+    def apply_scan(self, globs: tuple[WatchGlobConfig, ...], found: list[dict[str, str]]) -> None:
+        for g, matches in zip(globs, found, strict=True):
+            for pair, path in matches.items():
                 current = self.targets.get(pair)
                 if current is None and pair in self.table.pairs:
                     continue  # an explicit [[watch]] of the same id wins
                 if current is None or current.path == path:
                     self.watch(pair, path, g.slot, g.method, g.timing, g.failover)
+            paths = set(matches.values())
             for pair, target in list(self.targets.items()):
                 row = self.table.row(pair, "volume")
                 if (
-                    target.path not in found.values()
+                    target.path not in paths
                     and fnmatch.fnmatch(target.path, g.pattern)
                     and row is not None
                     and row.state == "retired"
@@ -191,7 +201,7 @@ class Poller:
     ) -> None:
         async with anyio.create_task_group() as tg:
             if self.globs:
-                await anyio.to_thread.run_sync(self.rescan)
+                await self.rescan()
             tg.start_soon(self._rescan_loop)
             task_status.started()
             while True:
@@ -235,7 +245,7 @@ class Poller:
         while True:
             await anyio.sleep(min((g.rescan for g in self.globs), default=10.0))
             if self.globs:
-                await anyio.to_thread.run_sync(self.rescan)
+                await self.rescan()
 
     # -- results --------------------------------------------------------------------
 
