@@ -139,14 +139,12 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def format_status(doc: dict[str, Any]) -> str:
-    headers = ("PAIR", "PATH", "SERIAL", "WRITER TIME", "IDENTIFIER", "AGE", "MISSED", "STATE")
+    headers = "PAIR PATH SERIAL WRITER_TIME IDENTIFIER AGE MISSED STATE VERDICT NOTES".split()
+    headers = [h.replace("_", " ") for h in headers]
     rows = []
     for r in doc["rows"]:
-        wt = r.get("writer_time")
-        age = r.get("age")
-        state = r["state"] + (f" ({r['reason']})" if r.get("reason") else "")
-        if r.get("note"):
-            state += f" [{r['note']}]"
+        wt, age = r.get("writer_time"), r.get("age")
+        notes = [r.get(k) for k in ("detail", "note", "timing_note", "verdict_note")]
         rows.append(
             (
                 r["pair"],
@@ -156,13 +154,13 @@ def format_status(doc: dict[str, Any]) -> str:
                 r.get("incarnation") or "-",
                 "-" if age is None else f"{age:.1f}s",
                 str(r.get("missed", 0)),
-                state,
+                r["state"] + (f" ({r['reason']})" if r.get("reason") else ""),
+                r.get("verdict", "-"),
+                "; ".join(n for n in notes if n),
             )
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    lines = [
-        "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
-    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     counts = ", ".join(f"{n} {s}" for s, n in sorted(doc.get("states", {}).items()))
     lines.append(f"site {doc.get('site')}: {len(rows)} row(s): {counts or 'nothing watched'}")

@@ -19,7 +19,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from hbmon import __version__
+from hbmon.netbeat import REJECT_REASONS
 from hbmon.status import STATES, StatusTable
+from hbmon.verdict import VERDICTS
 
 
 class StatusCollector(Collector):
@@ -67,7 +69,19 @@ class StatusCollector(Collector):
             "Volume reads that failed or found no valid record, by reason",
             labels=["pair", "reason"],
         )
+        verdicts = GaugeMetricFamily(
+            "hbmon_pair_verdict",
+            "1 for the pair's current verdict, derived from its configured paths",
+            labels=["pair", "verdict"],
+        )
+        warnings = GaugeMetricFamily(
+            "hbmon_timing_warning",
+            "1 while writer and reader timing disagree (interval_mismatch, threshold_too_short)",
+            labels=[*pp, "warning"],
+        )
         for pair in table.pairs.values():
+            for name in VERDICTS:
+                verdicts.add_metric([pair.id, name], 1.0 if pair.verdict == name else 0.0)
             skew_value: float | None = None
             for path, row in pair.rows.items():
                 labels = [pair.id, path]
@@ -82,6 +96,8 @@ class StatusCollector(Collector):
                 up.add_metric(labels, 1.0 if row.up else 0.0)
                 for name in STATES:
                     state.add_metric([*labels, name], 1.0 if row.state == name else 0.0)
+                for warning in row.timing_warnings():
+                    warnings.add_metric([*labels, warning], 1.0)
                 if row.skew is not None and (skew_value is None or path == "volume"):
                     skew_value = row.skew
                 if path == "volume":
@@ -89,7 +105,16 @@ class StatusCollector(Collector):
                         errors.add_metric([pair.id, reason], count)
             if skew_value is not None:
                 skew.add_metric([pair.id], skew_value)
-        yield from (age, last, serial, missed, up, state, skew, errors)
+        yield from (age, last, serial, missed, up, state, skew, errors, verdicts, warnings)
+
+        rejected = CounterMetricFamily(
+            "hbmon_network_rejected",
+            "Network datagrams dropped, by reason (never counted as beats)",
+            labels=["reason"],
+        )
+        for reason in sorted({*REJECT_REASONS, *table.net_rejected}):
+            rejected.add_metric([reason], table.net_rejected[reason])
+        yield rejected
 
         hist = HistogramMetricFamily(
             "hbmon_volume_read_duration_seconds", "Per-read latency, all volumes"
@@ -114,12 +139,17 @@ class StatusCollector(Collector):
             "Heartbeat writes that failed, by reason",
             labels=["pair", "reason"],
         )
+        sent = CounterMetricFamily(
+            "hbmon_network_beats_sent", "Network heartbeats sent to peers", labels=["pair"]
+        )
         for stats in table.writers.values():
             written.add_metric([stats.pair], stats.written)
+            sent.add_metric([stats.pair], stats.sent)
             for reason, count in sorted(stats.errors.items()):
                 write_errors.add_metric([stats.pair, reason], count)
         yield written
         yield write_errors
+        yield sent
 
         info = GaugeMetricFamily(
             "hbmon_build_info",
