@@ -257,7 +257,7 @@ class Beater:
                 await self.pool.run(batch)
         if scope.cancelled_caught:
             log.warning("stopping records not all written within %.1f s", self.write_timeout)
-        else:
+        elif targets:
             log.info("wrote stopping records for %d beat(s)", len(targets))
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from hbmon import __version__
 from hbmon.errors import HbmonError, UsageError, VolumeError
+from hbmon.record import Record
 from hbmon.volume import claim_slot, open_volume, read_slot, write_slot
 
 log = logging.getLogger("hbmon")
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     init = vsub.add_parser("init", help="install a heartbeat volume (write the first record)")
     init.add_argument("path")
     init.add_argument("--timeout", type=float, default=10.0, help="I/O deadline in seconds")
+    init.add_argument(
+        "-c",
+        "--config",
+        help="site configuration: announce to the [[beat]]'s peers over the network",
+    )
     init.add_argument("--id", required=True, help="pair identifier")
     init.add_argument("--slot", type=int, default=0)
     init.add_argument("--interval", default="1s", help="declared beat interval")
@@ -66,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     retire = vsub.add_parser("retire", help="write a retired record (de-install)")
     retire.add_argument("path")
     retire.add_argument("--timeout", type=float, default=10.0, help="I/O deadline in seconds")
+    retire.add_argument(
+        "-c",
+        "--config",
+        help="site configuration: announce to the [[beat]]'s peers over the network",
+    )
     retire.add_argument("--id", required=True)
     retire.add_argument("--slot", type=int, default=0)
 
@@ -221,7 +232,7 @@ def with_deadline(fn: Callable[[], int], seconds: float, path: str) -> int:
 
 def _volume_init(args: argparse.Namespace) -> int:
     from hbmon.config import parse_duration
-    from hbmon.record import Record, check_pair_id
+    from hbmon.record import check_pair_id
 
     try:
         check_pair_id(args.id)
@@ -237,7 +248,7 @@ def _volume_init(args: argparse.Namespace) -> int:
         vol.close()
     again = " (replacing its earlier record)" if found is not None else ""
     print(f"installed pair {args.id!r} in {args.path} slot {args.slot}{again}")
-    return 0
+    return _announce(args, "activate", record)
 
 
 def _volume_show(args: argparse.Namespace) -> int:
@@ -292,7 +303,7 @@ def _volume_show(args: argparse.Namespace) -> int:
 
 def _volume_retire(args: argparse.Namespace) -> int:
     from hbmon.errors import RecordError
-    from hbmon.record import Record, State, decode
+    from hbmon.record import State, decode
 
     vol = open_volume(args.path, write=True)
     try:
@@ -309,6 +320,33 @@ def _volume_retire(args: argparse.Namespace) -> int:
     finally:
         vol.close()
     print(f"retired pair {args.id!r} in {args.path} slot {args.slot} (serial {record.serial})")
+    return _announce(args, "retire", record)
+
+
+def _announce(args: argparse.Namespace, kind: str, record: Record) -> int:
+    """Tell the watching site(s) over the network (install and de-install flows)."""
+    if not args.config:
+        return 0
+    from hbmon.config import load_config
+    from hbmon.netbeat import ACTIVATE, RETIRE, NetSender, load_key, resolve_peers
+
+    config = load_config(args.config)
+    beat = next((b for b in config.beats if b.id == args.id), None)
+    if beat is None or not beat.peers or config.network.key_file is None:
+        raise UsageError(
+            f"{args.config}: no [[beat]] with id {args.id!r}, peers and a network.key_file: "
+            "nothing to announce to (the record is written)"
+        )
+    sender = NetSender(load_key(config.network.key_file))
+    try:
+        peers = resolve_peers(beat.peers)
+        # Sent once: if UDP loses it, the record on the mirrored volume says the same.
+        errors = sender.send(ACTIVATE if kind == "activate" else RETIRE, record, peers)
+    finally:
+        sender.close()
+    if errors:
+        raise HbmonError(f"announcement not sent: {'; '.join(sorted(set(errors)))}")
+    print(f"announced {kind} of pair {args.id!r} to {', '.join(beat.peers)}")
     return 0
 
 

@@ -190,7 +190,6 @@ class NetListener:
         ):
             raise Rejected("replay", f"serial {record.serial} of {record.incarnation:#x} seen")
         pair = self.table.pairs[record.pair_id]
-        before = pair.verdict
         if kind == ACTIVATE:
             changed = [r.observe_install(now) for r in pair.rows.values()]
             if any(changed):
@@ -200,7 +199,5 @@ class NetListener:
             result = "activate"
         else:
             result = row.observe_record(record, now, wall, sent=True)
-        after = pair.judge(now)
-        if before != after:
-            log.info("pair %s: verdict %s -> %s", pair.id, before, after)
+        pair.judge(now)
         return result

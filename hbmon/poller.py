@@ -258,6 +258,7 @@ class Poller:
         before = row.state
         row.observe_problem("io_hung", "io_hung", f"read has not returned for {waited:.1f} s", now)
         self._log_change(target, before, row.evaluate(now), row.detail)
+        self.table.pairs[target.pair].judge(now)
 
     def _deliver(self, target: Target, out: ReadOutcome) -> None:
         target.inflight = False
@@ -282,6 +283,7 @@ class Poller:
             state = "invalid" if out.kind == "invalid" else "io_error"
             row.observe_problem(state, out.reason, out.detail, now)
         self._log_change(target, before, row.evaluate(now), row.detail)
+        self.table.pairs[target.pair].judge(now)
 
     @staticmethod
     def _log_change(target: Target, before: str, after: str, detail: str) -> None:

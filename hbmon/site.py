@@ -71,6 +71,7 @@ class Site:
                     await tg.start(self.listener.run)
                 await tg.start(self.poller.run)
                 await tg.start(self.beater.run)
+                tg.start_soon(self._judge_loop)
                 log.info(
                     "site %s: %d beat(s), %d watched pair(s)",
                     self.config.site,
@@ -82,6 +83,13 @@ class Site:
             self.beater.close()
             if self.sender is not None:
                 self.sender.close()
+
+    async def _judge_loop(self) -> None:
+        """Re-judge every pair once a second, so time-driven changes (stale, host_down)
+        are logged when they happen, not only when someone looks."""
+        while True:
+            await anyio.sleep(1.0)
+            self.table.evaluate()
 
     async def reload(self, config: SiteConfig) -> None:
         """Apply a new configuration: pairs added and removed, the others keep their state.

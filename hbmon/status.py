@@ -23,6 +23,7 @@ Rules (documented for operators in docs/metrics.md):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from hbmon.clock import Clock
 from hbmon.config import Timing
 from hbmon.record import Record, State
 from hbmon.verdict import FRESH, single_path_note, verdict
+
+log = logging.getLogger(__name__)
 
 PATHS = ("volume", "network")
 STATES = (
@@ -301,8 +304,18 @@ class Pair:
     verdict: str = "unknown"
 
     def judge(self, now: float) -> str:
-        """Evaluate every path and derive the verdict."""
+        """Evaluate every path and derive the verdict (changes are logged)."""
+        before = self.verdict
         self.verdict = verdict({path: row.evaluate(now) for path, row in self.rows.items()})
+        if self.verdict != before:
+            note = self.verdict_note
+            log.info(
+                "pair %s: verdict %s -> %s%s",
+                self.id,
+                before,
+                self.verdict,
+                f" ({note})" * bool(note),
+            )
         return self.verdict
 
     @property
