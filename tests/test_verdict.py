@@ -1,0 +1,66 @@
+"""The per-pair verdict from the states of its configured paths (DESIGN.md principle 5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hbmon.verdict import single_path_note, verdict
+
+
+@pytest.mark.parametrize(
+    ("volume", "network", "expected"),
+    [
+        ("alive", "alive", "alive"),
+        ("late", "alive", "alive"),
+        ("stale", "stale", "host_down"),
+        ("alive", "stale", "network_partition"),
+        ("late", "stale", "network_partition"),
+        ("stale", "alive", "link_down"),
+        ("alive", "invalid", "degraded"),
+        ("io_hung", "alive", "degraded"),
+        ("io_hung", "stale", "unknown"),
+        ("invalid", "stale", "unknown"),
+        ("io_error", "io_error", "unknown"),
+        ("awaiting", "awaiting", "awaiting"),
+        ("awaiting", "alive", "degraded"),
+        ("retired", "stale", "retired"),
+        ("alive", "retired", "retired"),
+        ("stopped", "stale", "stopped"),
+        ("stopped", "stopped", "stopped"),
+        ("stopped", "alive", "degraded"),
+    ],
+)
+def test_both_paths(volume: str, network: str, expected: str) -> None:
+    assert verdict({"volume": volume, "network": network}) == expected
+
+
+@pytest.mark.parametrize("path", ["volume", "network"])
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ("alive", "alive"),
+        ("late", "alive"),
+        ("stale", "host_down"),
+        ("invalid", "unknown"),
+        ("io_hung", "unknown"),
+        ("awaiting", "awaiting"),
+        ("retired", "retired"),
+    ],
+)
+def test_one_path(path: str, state: str, expected: str) -> None:
+    assert verdict({path: state}) == expected
+
+
+def test_a_partition_is_never_host_down() -> None:
+    states = ["awaiting", "alive", "late", "stale", "invalid", "io_error", "io_hung"]
+    for v in states:
+        if v in ("alive", "late"):
+            assert verdict({"volume": v, "network": "stale"}) != "host_down"
+            assert verdict({"volume": "stale", "network": v}) != "host_down"
+
+
+def test_one_path_host_down_says_what_it_cannot_tell() -> None:
+    assert "stopped remote copy" in single_path_note("volume", "host_down")
+    assert "network partition" in single_path_note("network", "host_down")
+    assert single_path_note("both", "host_down") == ""
+    assert single_path_note("volume", "alive") == ""
