@@ -7,6 +7,7 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable
@@ -37,8 +38,8 @@ def parse_duration(text: str | int | float) -> float:
         if not match:
             raise ValueError(f"{text!r} is not a duration (examples: 250ms, 1s, 2m)")
         value = float(match.group(1)) * _UNITS[match.group(2)]
-    if value <= 0:
-        raise ValueError(f"{text!r} must be greater than zero")
+    if not math.isfinite(value) or value < 0.001:
+        raise ValueError(f"{text!r} must be a finite duration of at least 1ms")
     return value
 
 
@@ -47,8 +48,11 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not HOST:PORT")
-    host = host.strip("[]") or default_host
-    return host, int(port)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"{text!r} is not HOST:PORT (write an IPv6 address as [addr]:port)")
+    return host or default_host, int(port)
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,11 @@ def _command(value: Any) -> tuple[str, ...]:
 def _peers(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError(f"expected a list of HOST:PORT strings, got {value!r}")
-    return tuple(_hostport(v) for v in value)
+    peers = tuple(_hostport(v) for v in value)
+    for peer in peers:
+        if peer.startswith("["):
+            raise ValueError(f"{peer!r}: network beats go over IPv4 only (use an IPv4 address)")
+    return peers
 
 
 def _path(base: Path) -> Callable[[Any], Path]:

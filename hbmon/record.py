@@ -177,9 +177,9 @@ def describe_slot(data: bytes | bytearray | memoryview) -> str:
     try:
         rec = decode(data)
     except RecordError as err:
-        if err.reason == "zeroed":
+        if not any(data) and err.reason == "zeroed":
             return "nothing (zeroed)"
-        if err.reason == "truncated":
+        if not any(data) and err.reason == "truncated":
             return "nothing (past the end of the volume)"
         return f"data that is not a valid hbmon record ({err.reason})"
     return f"the record of pair {rec.pair_id!r} ({rec.state.label}, serial {rec.serial})"

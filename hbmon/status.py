@@ -120,6 +120,12 @@ class PathRow:
         if self.problem is not None:
             self.problem = self.reason = None
             self.detail = ""
+        if rec.incarnation == 0 and rec.serial == 0:
+            # An install record (`hbmon volume init`): no writer yet, await the first beat.
+            if self.incarnation is not None and self.incarnation != 0:
+                self.last_change, self.installed = None, True
+            self._take(rec)
+            return "baseline"
         if self.incarnation is None:
             if sent:
                 self._beat(rec, now, wall)
@@ -132,8 +138,9 @@ class PathRow:
                 self.errors["undead_writer"] += 1
                 self.note = f"old incarnation {rec.incarnation:#x} wrote again (undead writer)"
                 return "undead"
-            self.old_incarnations.append(self.incarnation)
-            self.restarts += 1
+            if self.incarnation != 0:  # 0 is the install record, not a writer
+                self.old_incarnations.append(self.incarnation)
+                self.restarts += 1
             self._beat(rec, now, wall)
             return "restart"
         if rec.serial > (self.serial or 0) or rec.state != self.record_state:
@@ -274,7 +281,7 @@ class PathRow:
                 self.missed_total += gap - self.gap_missed
                 self.gap_missed = gap
         if raw in FAILED:
-            if self.trusted or self.held != raw:
+            if self.trusted or self.held != raw or self.good_streak:
                 self._distrust(raw)
             self.state = raw
         elif not self.trusted and raw in FRESH:

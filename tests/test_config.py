@@ -46,7 +46,7 @@ id = "db1"
 volume = "/dev/disk/by-id/wwn-0x600a-part1"
 slot = 0
 interval = "500ms"
-peers = ["192.0.2.20:9798", "[2001:db8::20]:9798"]
+peers = ["192.0.2.20:9798", "192.0.2.21:9798"]
 
 [[watch]]
 id = "db1"
@@ -123,7 +123,7 @@ def test_full_example(tmp_path: Path) -> None:
             volume=Path("/dev/disk/by-id/wwn-0x600a-part1"),
             slot=0,
             interval=0.5,
-            peers=("192.0.2.20:9798", "[2001:db8::20]:9798"),
+            peers=("192.0.2.20:9798", "192.0.2.21:9798"),
         ),
     )
     assert config.watches == (
@@ -265,13 +265,14 @@ def test_parse_config_without_base_uses_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    config = parse_config({"site": "x", "watch": [{"id": "a", "volume": "a.vol"}]}, "mem")
+    data = {"site": "x", "watch": [{"id": "a", "volume": "a.vol", "method": "volume"}]}
+    config = parse_config(data, "mem")
     assert config.watches[0].volume == tmp_path / "a.vol"
     assert config.source == "mem"
 
 
 def test_parse_config_with_base() -> None:
-    data = {"site": "x", "watch": [{"id": "a", "volume": "a.vol"}]}
+    data = {"site": "x", "watch": [{"id": "a", "volume": "a.vol", "method": "volume"}]}
     config = parse_config(data, "mem", Path("/etc/hbmon"))
     assert config.watches[0].volume == Path("/etc/hbmon/a.vol")
 
@@ -449,6 +450,7 @@ def test_duplicate_volume_and_slot_in_two_spellings(tmp_path: Path) -> None:
 def test_same_volume_other_slot_and_same_slot_other_volume_are_fine(tmp_path: Path) -> None:
     text = """\
         site = "osaka"
+        method = "volume"
         [[watch]]
         id = "db1"
         volume = "/v/a"
@@ -506,8 +508,40 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_load_config_accepts_str(tmp_path: Path) -> None:
-    path = write(tmp_path, MINIMAL + WATCH)
+    path = write(tmp_path, MINIMAL + WATCH + 'method = "volume"\n')
     assert load_config(str(path)) == load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (MINIMAL + WATCH, "watch[0]"),
+        (MINIMAL + WATCH + 'method = "network"\n', "watch[0]"),
+        (MINIMAL + 'method = "volume"\n' + WATCH + 'method = "both"\n', "watch[0]"),
+        (MINIMAL + '[[watch_glob]]\npattern = "/srv/hb/*.vol"\n', "watch_glob[0]"),
+        (MINIMAL + '[[beat]]\nid = "a"\nvolume = "/v"\npeers = ["192.0.2.1:9798"]\n', "beat[0]"),
+    ],
+    ids=["watch-default-both", "watch-network", "watch-both", "glob-default-both", "beat-peers"],
+)
+def test_network_path_needs_a_key_file(tmp_path: Path, text: str, where: str) -> None:
+    err = config_error(tmp_path, text, "network.key_file")
+    assert err.problem.startswith("is required")
+    assert where in err.problem
+    # with a key file the same configuration is valid
+    load_config(write(tmp_path, text + '[network]\nkey_file = "hb.key"\n', "with-key.toml"))
+
+
+def test_volume_only_needs_no_key_file(tmp_path: Path) -> None:
+    text = (
+        MINIMAL
+        + 'method = "volume"\n'
+        + WATCH
+        + '[[watch_glob]]\npattern = "/srv/hb/*.vol"\n'
+        + '[[beat]]\nid = "db9"\nvolume = "/srv/hb/pvol"\n'
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.network.key_file is None
+    assert config.watches[0].method == config.watch_globs[0].method == "volume"
 
 
 def test_nan_and_inf_durations_are_rejected(tmp_path: Path) -> None:
@@ -534,7 +568,7 @@ def test_nan_and_inf_durations_are_rejected(tmp_path: Path) -> None:
         ("1h", 3600.0),
         ("5", 5.0),
         (" 2 s ", 2.0),
-        ("0.5ms", 0.0005),
+        ("1.5ms", 0.0015),
         (3, 3.0),
         (0.25, 0.25),
     ],
@@ -606,3 +640,21 @@ def test_startup_grace() -> None:
     assert Timing().startup_grace == 4.0
     assert Timing(interval=2.0, miss_threshold=5).startup_grace == 12.0
     assert Timing(grace=30.0).startup_grace == 30.0
+
+
+def test_ipv6_peers_are_refused_with_a_clear_message(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"beat\[0\]\.peers: .*IPv4 only"):
+        parse_config(
+            {
+                "site": "a",
+                "network": {"key_file": "k"},
+                "beat": [{"id": "db1", "volume": "p", "peers": ["[2001:db8::20]:9798"]}],
+            },
+            "site.toml",
+            tmp_path,
+        )
+
+
+def test_durations_below_one_millisecond_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1ms"):
+        parse_duration("0.5ms")
