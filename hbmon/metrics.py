@@ -79,6 +79,11 @@ class StatusCollector(Collector):
             "1 while writer and reader timing disagree (interval_mismatch, threshold_too_short)",
             labels=[*pp, "warning"],
         )
+        undead = GaugeMetricFamily(
+            "hbmon_heartbeat_undead",
+            "1 while a writer that was declared stale beats again with the same incarnation",
+            labels=pp,
+        )
         for pair in table.pairs.values():
             for name in VERDICTS:
                 verdicts.add_metric([pair.id, name], 1.0 if pair.verdict == name else 0.0)
@@ -94,6 +99,7 @@ class StatusCollector(Collector):
                     serial.add_metric(labels, row.serial)
                 missed.add_metric(labels, row.missed_total)
                 up.add_metric(labels, 1.0 if row.up else 0.0)
+                undead.add_metric(labels, 1.0 if row.undead else 0.0)
                 for name in STATES:
                     state.add_metric([*labels, name], 1.0 if row.state == name else 0.0)
                 for warning in row.timing_warnings():
@@ -105,7 +111,7 @@ class StatusCollector(Collector):
                         errors.add_metric([pair.id, reason], count)
             if skew_value is not None:
                 skew.add_metric([pair.id], skew_value)
-        yield from (age, last, serial, missed, up, state, skew, errors, verdicts, warnings)
+        yield from (age, last, serial, missed, up, state, skew, errors, verdicts, warnings, undead)
 
         rejected = CounterMetricFamily(
             "hbmon_network_rejected",

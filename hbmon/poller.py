@@ -77,7 +77,17 @@ def read_target(target: Target) -> ReadOutcome:
         return ReadOutcome("io_error", None, "io_error", str(err), time.perf_counter() - start)
     duration = time.perf_counter() - start
     try:
-        record = decode(data, target.pair)
+        try:
+            record = decode(data, target.pair)
+        except RecordError as err:
+            if err.reason != "checksum_mismatch":
+                raise
+            # Read once more: a write landing during our read is torn for this read
+            # only; damage that is really on the volume reads the same twice.
+            record = decode(read_slot(target.volume, target.slot), target.pair)
+    except VolumeError as err:
+        _forget(target)
+        return ReadOutcome("io_error", None, err.reason, err.problem, duration)
     except RecordError as err:
         _forget(target)  # reopen next time: the file may have been replaced
         kind = {"zeroed": "zeroed", "truncated": "io_error"}.get(err.reason, "invalid")

@@ -1,0 +1,293 @@
+"""One row of the status table: what a reader knows about one path of one pair.
+
+The judgement rules (baseline, beats, missed, late, stale, grace, install records,
+hysteresis, undead writers) are described in the docstring of :mod:`hbmon.status` and
+for operators in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from hbmon.config import Timing
+from hbmon.record import Record, State
+from hbmon.verdict import FRESH
+
+PATHS = ("volume", "network")
+STATES = (
+    "awaiting",
+    "alive",
+    "late",
+    "stale",
+    "invalid",
+    "io_error",
+    "io_hung",
+    "stopped",
+    "retired",
+)
+FAILED = frozenset({"stale", "invalid", "io_error", "io_hung"})
+#: Worst first, for sorting tables.
+_WORST_FIRST = (
+    "stale",
+    "invalid",
+    "io_hung",
+    "io_error",
+    "late",
+    "awaiting",
+    "stopped",
+    "retired",
+    "alive",
+)
+SEVERITY = {s: i for i, s in enumerate(_WORST_FIRST)}
+_PROBLEM_STATES = frozenset({"invalid", "io_error", "io_hung"})
+_KEEP_INCARNATIONS = 8
+
+
+@dataclass(slots=True)
+class PathRow:
+    """What one reader knows about one path of one pair."""
+
+    pair: str
+    path: str
+    timing: Timing
+    created: float
+    poll_period: float = 0.0
+    # newest valid record
+    incarnation: int | None = None
+    serial: int | None = None
+    writer_time: float | None = None
+    declared_interval: float | None = None
+    record_state: State | None = None
+    last_change: float | None = None
+    last_read: float | None = None
+    skew: float | None = None
+    # current problem with the path (invalid, io_error, io_hung)
+    problem: str | None = None
+    reason: str | None = None
+    detail: str = ""
+    # hysteresis
+    trusted: bool = True
+    good_streak: int = 0
+    held: str | None = None
+    state: str = "awaiting"
+    # counters
+    missed_total: int = 0
+    gap_missed: int = 0
+    beats_seen: int = 0
+    restarts: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    old_incarnations: deque[int] = field(default_factory=lambda: deque(maxlen=_KEEP_INCARNATIONS))
+    note: str = ""
+    installed: bool = False  # announced or install record seen: await the first beat
+    undead: bool = False  # the writer resumed, same incarnation, after being declared stale
+    slowest_read: float = 0.0  # decaying maximum of read latency, for timing checks
+
+    def __post_init__(self) -> None:
+        if not self.poll_period:
+            self.poll_period = self.timing.interval
+
+    # -- observations -------------------------------------------------------------
+
+    def observe_record(self, rec: Record, now: float, wall: float, *, sent: bool = False) -> str:
+        """Take a valid record read at monotonic ``now``; returns what it was.
+
+        One of ``baseline``, ``beat``, ``restart``, ``same``, ``regression``, ``undead``.
+        A record read from a volume may be old, so the first one is only a baseline; a
+        record ``sent`` over the network was written just now and is a beat at once.
+        """
+        self.last_read = now
+        if self.problem is not None:
+            self.problem = self.reason = None
+            self.detail = ""
+        if rec.incarnation == 0 and rec.serial == 0:
+            # An install record (`hbmon volume init`): no writer yet, await the first beat.
+            if self.incarnation is not None and self.incarnation != 0:
+                self.last_change, self.installed = None, True
+            self._take(rec)
+            return "baseline"
+        if self.incarnation is None:
+            if sent:
+                self._beat(rec, now, wall)
+                return "beat"
+            self._take(rec)
+            return "baseline"
+        if rec.incarnation != self.incarnation:
+            if rec.incarnation in self.old_incarnations:
+                # A writer we saw replaced has come back: two writers for one pair.
+                self.errors["undead_writer"] += 1
+                self.note = f"old incarnation {rec.incarnation:#x} wrote again (undead writer)"
+                return "undead"
+            if self.incarnation != 0:  # 0 is the install record, not a writer
+                self.old_incarnations.append(self.incarnation)
+                self.restarts += 1
+            self.undead = False  # a fresh start (a rebooted or fenced host) clears it
+            self._beat(rec, now, wall)
+            return "restart"
+        if rec.serial > (self.serial or 0) or rec.state != self.record_state:
+            if self.state == "stale" and not self.undead and rec.state is State.ACTIVE:
+                # Same incarnation after we declared it dead: a frozen host resumed,
+                # perhaps after its pair failed over.  It is a beat, and it is flagged.
+                self.undead = True
+                self.errors["undead_writer"] += 1
+            self._beat(rec, now, wall)
+            return "beat"
+        if rec.serial < (self.serial or 0):
+            self.errors["serial_regression"] += 1
+            self.note = f"serial went back from {self.serial} to {rec.serial} (not taken as a beat)"
+            return "regression"
+        return "same"
+
+    def observe_install(self, now: float) -> bool:
+        """An activation (install) announcement; returns False when it changes nothing.
+
+        A pair that has beaten already stays as it is; a retired or never-seen pair
+        waits for its first beat, however long that takes.
+        """
+        if self.last_change is not None and self.record_state is not State.RETIRED:
+            return False
+        self.installed, self.created, self.undead = True, now, False
+        if self.record_state is State.RETIRED:
+            self.record_state = None
+            self.last_change = None
+        self.trusted, self.held, self.good_streak = True, None, 0
+        return True
+
+    def observe_latency(self, seconds: float) -> None:
+        self.slowest_read = max(seconds, self.slowest_read * 0.98)
+
+    @property
+    def undead_note(self) -> str:
+        if not self.undead:
+            return ""
+        return (
+            "frozen writer came back: same incarnation beat again after it was declared "
+            "stale; if the pair failed over, fence this host"
+        )
+
+    def timing_warnings(self) -> list[str]:
+        """Disagreements between writer and reader timing (empty when all is well)."""
+        t, out = self.timing, []
+        declared = self.declared_interval
+        if declared is not None and abs(declared - t.interval) > 0.01 * t.interval:
+            out.append("interval_mismatch")
+        if self.slowest_read >= (t.miss_threshold - 1) * t.interval:
+            out.append("threshold_too_short")
+        return out
+
+    def timing_note(self) -> str:
+        t, notes = self.timing, []
+        for warning in self.timing_warnings():
+            if warning == "interval_mismatch":
+                notes.append(
+                    f"writer declares interval {self.declared_interval:g} s, "
+                    f"this reader expects {t.interval:g} s"
+                )
+            else:
+                notes.append(
+                    f"a read took {self.slowest_read:.1f} s: miss_threshold {t.miss_threshold}"
+                    f" x interval {t.interval:g} s leaves too little room"
+                )
+        return "; ".join(notes)
+
+    def observe_zeroed(self, now: float) -> None:
+        """An all-zero slot: not yet claimed if we never saw a record, else wiped."""
+        self.last_read = now
+        if self.incarnation is None:
+            if self.problem is not None:
+                self.problem = self.reason = None
+            return
+        self.observe_problem("invalid", "zeroed", "the slot was wiped (all zero bytes)", now)
+
+    def observe_problem(self, state: str, reason: str, detail: str, now: float) -> None:
+        """A read failed (``io_error``, ``io_hung``) or found an invalid record."""
+        assert state in _PROBLEM_STATES, state
+        self.last_read = now
+        if self.problem != state or self.reason != reason:
+            self.errors[reason] += 1
+        elif state != "io_hung":
+            self.errors[reason] += 1
+        self.problem, self.reason, self.detail = state, reason, detail
+        self._distrust(state)
+
+    def _take(self, rec: Record) -> None:
+        self.incarnation = rec.incarnation
+        self.serial = rec.serial
+        self.writer_time = rec.writer_time
+        self.declared_interval = rec.interval
+        self.record_state = rec.state
+
+    def _beat(self, rec: Record, now: float, wall: float) -> None:
+        self._take(rec)
+        self.last_change = now
+        self.skew = rec.writer_time - wall
+        self.beats_seen += 1
+        self.installed = False
+        self.gap_missed = 0
+        self.note = ""
+        if not self.trusted:
+            self.good_streak += 1
+            if self.good_streak >= self.timing.recover_beats:
+                self.trusted, self.held, self.good_streak = True, None, 0
+
+    def _distrust(self, state: str) -> None:
+        self.trusted, self.held, self.good_streak = False, state, 0
+
+    # -- judgement -----------------------------------------------------------------
+
+    def age(self, now: float) -> float | None:
+        return None if self.last_change is None else max(0.0, now - self.last_change)
+
+    def missed(self, now: float) -> int:
+        """Beats due in the current gap, beyond one poll period, that have not been seen."""
+        if self.last_change is None:
+            since = now - self.created - self.timing.startup_grace
+            base = since + self.timing.interval * self.timing.miss_threshold
+            if since <= 0 or self.serial == 0 or self.installed:
+                return 0
+        else:
+            base = now - self.last_change
+        return max(0, math.floor((base - self.poll_period) / self.timing.interval + 1e-9))
+
+    def raw_state(self, now: float) -> str:
+        """The state from the facts alone, before hysteresis."""
+        if self.problem is not None:
+            return self.problem
+        if self.record_state is State.RETIRED:
+            return "retired"
+        if self.record_state is State.STOPPING:
+            return "stopped"
+        t = self.timing
+        if self.last_change is None:
+            if self.serial == 0 or self.installed or now - self.created < t.startup_grace:
+                return "awaiting"
+            return "stale"
+        age = now - self.last_change
+        if age >= t.miss_threshold * t.interval:
+            return "stale"
+        return "late" if self.missed(now) >= 1 else "alive"
+
+    def evaluate(self, now: float) -> str:
+        """Bring ``state`` and the missed-beat counter up to ``now``; returns the state."""
+        raw = self.raw_state(now)
+        if raw in ("alive", "late", "stale"):
+            gap = self.missed(now)
+            if gap > self.gap_missed:
+                self.missed_total += gap - self.gap_missed
+                self.gap_missed = gap
+        if raw in FAILED:
+            if self.trusted or self.held != raw or self.good_streak:
+                self._distrust(raw)
+            self.state = raw
+        elif not self.trusted and raw in FRESH:
+            self.state = self.held or "stale"
+        else:
+            if raw in ("stopped", "retired", "awaiting"):
+                self.trusted, self.held, self.good_streak = True, None, 0
+            self.state = raw
+        return self.state
+
+    @property
+    def up(self) -> bool:
+        return self.state in FRESH
