@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -97,11 +98,13 @@ class Beater:
         threads: int = 4,
         write_timeout: float = 2.0,
         sender: NetSender | None = None,
+        on_written: Callable[[str], None] | None = None,
     ) -> None:
         self.table = table
         self.clock = clock
         self.write_timeout = write_timeout
         self.sender = sender
+        self.on_written = on_written
         self.targets: dict[str, BeatTarget] = {}
         self.stopping = False
         self._drained: anyio.Event | None = None
@@ -204,6 +207,19 @@ class Beater:
         else:
             stats.sent += 1
 
+    def pause(self, pair: str) -> None:
+        """No more beats for ``pair`` on either path, and no stopping record (the lab's
+        killed or frozen host)."""
+        self.targets[pair].paused = True
+
+    def resume(self, pair: str, *, new_incarnation_: bool = False) -> None:
+        """Beat again: as the same writer (a frozen host thawed) or as a new one (a
+        restarted host)."""
+        target = self.targets[pair]
+        if new_incarnation_:
+            target.stats.incarnation, target.stats.serial = new_incarnation(), 0
+        target.paused = False
+
     def _check_hung(self, target: BeatTarget, now: float) -> None:
         waited = now - target.submitted
         if waited > self.write_timeout:
@@ -218,6 +234,8 @@ class Beater:
             self._drained.set()
         stats = target.stats
         if not out.reason:
+            if self.on_written is not None:
+                self.on_written(stats.pair)
             stats.written += 1
             stats.last_write = self.clock.monotonic()
             if stats.last_error:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hbmon import __version__
+from hbmon.console import format_status
 from hbmon.errors import HbmonError, UsageError, VolumeError
 from hbmon.record import Record
 from hbmon.volume import claim_slot, open_volume, read_slot, write_slot
@@ -79,6 +80,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retire.add_argument("--id", required=True)
     retire.add_argument("--slot", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="a complete two-site lab on this machine (start here)")
+    demo.add_argument("--pairs", type=int, default=8, help="pairs in all, half each way")
+    demo.add_argument("--listen", default="127.0.0.1:9799", help="HOST:PORT of the first site")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--lag", type=float, default=50.0, help="remote copy lag in ms")
+    demo.add_argument("--interval", default="1s", help="beat interval")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
+
+    lab = sub.add_parser("lab", help="fault injection against a running demo")
+    lab.add_argument(
+        "action",
+        choices=[
+            "kill-host",
+            "freeze-host",
+            "thaw-host",
+            "cut-link",
+            "partition",
+            "corrupt",
+            "heal",
+        ],
+    )
+    lab.add_argument("pair", nargs="?", help="the pair (optional for cut-link and partition)")
+    lab.add_argument("--url", help="the demo's URL (found automatically when one demo runs)")
 
     cfg = sub.add_parser("config", help="configuration tools")
     csub = cfg.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -147,35 +172,6 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
             f"cannot read {target}: {reason} (is `hbmon run` or `hbmon demo` running? "
             "pass --url or set HBMON_URL)"
         ) from None
-
-
-def format_status(doc: dict[str, Any]) -> str:
-    headers = "PAIR PATH SERIAL WRITER_TIME IDENTIFIER AGE MISSED STATE VERDICT NOTES".split()
-    headers = [h.replace("_", " ") for h in headers]
-    rows = []
-    for r in doc["rows"]:
-        wt, age = r.get("writer_time"), r.get("age")
-        notes = [r.get(k) for k in ("detail", "note", "timing_note", "verdict_note")]
-        rows.append(
-            (
-                r["pair"],
-                r["path"],
-                "-" if r.get("serial") is None else str(r["serial"]),
-                "-" if wt is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wt)),
-                r.get("incarnation") or "-",
-                "-" if age is None else f"{age:.1f}s",
-                str(r.get("missed", 0)),
-                r["state"] + (f" ({r['reason']})" if r.get("reason") else ""),
-                r.get("verdict", "-"),
-                "; ".join(n for n in notes if n),
-            )
-        )
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(doc.get("states", {}).items()))
-    lines.append(f"site {doc.get('site')}: {len(rows)} row(s): {counts or 'nothing watched'}")
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -365,7 +361,57 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": cmd_run, "status": cmd_status, "volume": cmd_volume, "config": cmd_config}
+# -- demo and lab ---------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hbmon.config import parse_duration, parse_hostport
+    from hbmon.demo import DemoOptions, run_demo
+
+    if args.pairs < 2:
+        raise UsageError(f"--pairs {args.pairs}: the demo needs at least 2 pairs (one each way)")
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError(f"--duration {args.duration}: must be more than 0 seconds")
+    if not 0 <= args.lag <= 60_000:
+        raise UsageError(f"--lag {args.lag}: milliseconds between 0 and 60000")
+    try:
+        parse_hostport(args.listen)
+        interval = parse_duration(args.interval)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    opts = DemoOptions(
+        pairs=args.pairs,
+        listen=args.listen,
+        duration=args.duration,
+        lag=args.lag / 1000,
+        interval=interval,
+        keep=args.keep,
+    )
+    try:
+        run_demo(opts, live=sys.stdout.isatty())
+    except OSError as err:
+        raise HbmonError(
+            f"the demo could not start: {err} (is --listen {args.listen} free?)"
+        ) from None
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from hbmon.lab import find_demo_url, lab_request
+
+    url = args.url or find_demo_url()
+    print(lab_request(url, args.action, args.pair))
+    return 0
+
+
+_COMMANDS = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "volume": cmd_volume,
+    "config": cmd_config,
+    "demo": cmd_demo,
+    "lab": cmd_lab,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,6 +31,7 @@ class HttpApi:
     def __init__(self, table: StatusTable, registry: CollectorRegistry) -> None:
         self.table = table
         self.registry = registry
+        self.extra_routes: list[web.RouteDef] = []  # e.g. the demo's /lab endpoints
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
@@ -38,6 +39,7 @@ class HttpApi:
         app.router.add_get("/status.json", self.status_json)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/", self.index)
+        app.router.add_routes(self.extra_routes)
         return app
 
     async def metrics(self, request: web.Request) -> web.Response:

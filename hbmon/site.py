@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
@@ -34,7 +35,12 @@ class Site:
     """The parts of one site, wired to one status table."""
 
     def __init__(
-        self, config: SiteConfig, *, clock: Clock | None = None, listen: str | None = None
+        self,
+        config: SiteConfig,
+        *,
+        clock: Clock | None = None,
+        listen: str | None = None,
+        on_written: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
@@ -56,6 +62,7 @@ class Site:
             config.beats,
             write_timeout=config.timing.read_timeout,
             sender=self.sender,
+            on_written=on_written,
         )
         self.api = HttpApi(self.table, self.registry)
         self.address: tuple[str, int] | None = None

@@ -69,7 +69,8 @@ class Pair:
     def judge(self, now: float) -> str:
         """Evaluate every path and derive the verdict (changes are logged)."""
         before = self.verdict
-        self.verdict = verdict({path: row.evaluate(now) for path, row in self.rows.items()})
+        states = {path: row.evaluate(now) for path, row in self.rows.items()}
+        self.verdict = verdict(states, self.ahead())
         if self.verdict != before:
             note = self.verdict_note
             log.info(
@@ -80,6 +81,20 @@ class Pair:
                 f" ({note})" * bool(note),
             )
         return self.verdict
+
+    def ahead(self) -> set[str]:
+        """The path that has seen a newer beat than the other one (empty when neither)."""
+        vol, net = self.rows.get("volume"), self.rows.get("network")
+        if vol is None or net is None or vol.serial is None or net.serial is None:
+            return set()
+        if vol.incarnation == net.incarnation:
+            if vol.serial == net.serial:
+                return set()
+            return {"volume"} if vol.serial > net.serial else {"network"}
+        # Different writers: the newer incarnation is the one seen most recently.
+        if vol.last_change is None or net.last_change is None:
+            return set()
+        return {"volume"} if vol.last_change > net.last_change else {"network"}
 
     @property
     def verdict_note(self) -> str:

@@ -24,7 +24,7 @@ beat of an installed pair.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 #: Path states that count as fresh.
 FRESH = frozenset({"alive", "late"})
@@ -42,8 +42,15 @@ VERDICTS = (
 )
 
 
-def verdict(states: Mapping[str, str]) -> str:
-    """The verdict for a pair whose configured paths are in ``states`` (path -> state)."""
+def verdict(states: Mapping[str, str], ahead: Collection[str] | None = None) -> str:
+    """The verdict for a pair whose configured paths are in ``states`` (path -> state).
+
+    ``ahead`` names the path whose newest beat is newer than the other's (the evidence
+    that the host outlived the silent path).  When it is given, a partition or a broken
+    link needs that evidence: when a host dies, the faster path goes quiet first while
+    the slower one still shows the same last beat, and that must not read as a partition
+    for the second in between (it reads ``degraded`` until both are stale).
+    """
     values = set(states.values())
     if not values:
         return "unknown"
@@ -60,9 +67,9 @@ def verdict(states: Mapping[str, str]) -> str:
     if len(stale) == len(states):
         return "host_down"
     if len(states) == 2:
-        if fresh == {"volume"} and stale == {"network"}:
+        if fresh == {"volume"} and stale == {"network"} and (ahead is None or "volume" in ahead):
             return "network_partition"
-        if fresh == {"network"} and stale == {"volume"}:
+        if fresh == {"network"} and stale == {"volume"} and (ahead is None or "network" in ahead):
             return "link_down"
     if fresh:
         return "degraded"

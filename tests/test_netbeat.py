@@ -163,3 +163,37 @@ def test_key_file_rules(tmp_path: Path) -> None:
         load_key(key)
     with pytest.raises(ConfigError, match="cannot read"):
         load_key(tmp_path / "missing.key")
+
+
+def test_a_dying_host_is_never_a_partition_on_the_way_to_host_down(
+    listener: NetListener, table: StatusTable, clock: FakeClock
+) -> None:
+    """Both paths carry serial 1..5; the volume is seen 0.9 s after the network."""
+    vol = table.row("db1", "volume")
+    assert vol is not None
+    for serial in range(1, 6):
+        listener.handle(encode_datagram(KEY, BEAT, rec(clock, serial)))
+        clock.advance(0.9)
+        vol.observe_record(rec(clock, serial), clock.monotonic(), clock.wall())
+        clock.advance(0.1)
+    seen = set()
+    for _ in range(60):  # the host is dead: six seconds of 0.1 s steps
+        clock.advance(0.1)
+        seen.add(table.pairs["db1"].judge(clock.monotonic()))
+    assert "network_partition" not in seen
+    assert table.pairs["db1"].verdict == "host_down"
+
+
+def test_a_partition_is_seen_when_the_volume_runs_ahead(
+    listener: NetListener, table: StatusTable, clock: FakeClock
+) -> None:
+    vol = table.row("db1", "volume")
+    assert vol is not None
+    vol.observe_record(rec(clock, 1), clock.monotonic(), clock.wall())
+    for serial in range(2, 12):  # network beats stop after serial 3
+        if serial <= 3:
+            listener.handle(encode_datagram(KEY, BEAT, rec(clock, serial)))
+        clock.advance(0.5)
+        vol.observe_record(rec(clock, serial), clock.monotonic(), clock.wall())
+        clock.advance(0.5)
+    assert table.pairs["db1"].judge(clock.monotonic()) == "network_partition"

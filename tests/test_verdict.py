@@ -64,3 +64,18 @@ def test_one_path_host_down_says_what_it_cannot_tell() -> None:
     assert "network partition" in single_path_note("network", "host_down")
     assert single_path_note("both", "host_down") == ""
     assert single_path_note("volume", "alive") == ""
+
+
+def test_a_partition_needs_the_volume_to_be_ahead() -> None:
+    # A dying host: the network goes quiet first while the volume still shows the same
+    # last beat.  That is not yet evidence of a partition.
+    states = {"volume": "alive", "network": "stale"}
+    assert verdict(states, ahead=set()) == "degraded"
+    assert verdict(states, ahead={"network"}) == "degraded"
+    assert verdict(states, ahead={"volume"}) == "network_partition"
+
+
+def test_a_broken_link_needs_the_network_to_be_ahead() -> None:
+    states = {"volume": "stale", "network": "alive"}
+    assert verdict(states, ahead=set()) == "degraded"
+    assert verdict(states, ahead={"network"}) == "link_down"

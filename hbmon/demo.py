@@ -1,0 +1,219 @@
+"""``hbmon demo``: a complete two-site lab in one process, on files in a temporary folder.
+
+Two :class:`~hbmon.site.Site` instances ("osaka" and "tokyo") run in this one process,
+each with its own status table, HTTP port, UDP port, beater and poller, exactly as two
+``hbmon run`` daemons would.  Each beats half of the pairs into a PVOL LUN file (one slot
+per pair) and watches the other site's pairs on an SVOL LUN file that a simulated array
+remote copy (:mod:`hbmon.mirror`) keeps in step, ``lag`` behind.  Network beats travel
+over UDP on loopback.  ``hbmon lab`` injects faults through the ``/lab`` endpoints.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import anyio
+import anyio.abc
+
+from hbmon.clock import SystemClock
+from hbmon.config import SiteConfig, load_config, parse_hostport
+from hbmon.console import format_status
+from hbmon.lab import DEMO_FILE, Lab
+from hbmon.mirror import Link, RemoteCopy
+from hbmon.record import SLOT_SIZE
+from hbmon.site import Site
+
+log = logging.getLogger(__name__)
+
+SITES = ("osaka", "tokyo")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    pairs: int = 8
+    listen: str = "127.0.0.1:9799"
+    duration: float | None = None
+    lag: float = 0.05
+    interval: float = 1.0
+    miss_threshold: int = 3
+    keep: bool = False
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pair_names(site: str, count: int) -> list[str]:
+    width = max(2, len(str(count)))
+    return [f"{site}-{i:0{width}d}" for i in range(1, count + 1)]
+
+
+def prepare(folder: Path, opts: DemoOptions) -> tuple[list[SiteConfig], list[Link]]:
+    """Write the key, the LUN files and one configuration per site into ``folder``."""
+    key = folder / "hb.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    key.chmod(0o600)
+    host, port = parse_hostport(opts.listen)
+    http_ports = [port, port + 1] if port else [free_port(socket.SOCK_STREAM) for _ in SITES]
+    udp_ports = [free_port() for _ in SITES]
+    counts = [(opts.pairs + 1) // 2, opts.pairs // 2]
+    names = {site: pair_names(site, n) for site, n in zip(SITES, counts, strict=True)}
+    links: list[Link] = []
+    configs = []
+    for i, site in enumerate(SITES):
+        other = SITES[1 - i]
+        (folder / site).mkdir()
+        pvol = folder / site / "pvol.lun"
+        svol = folder / site / f"svol-from-{other}.lun"
+        lines = [
+            f'site = "{site}"',
+            f'state_dir = "{folder / site}"',
+            f'listen = "{host}:{http_ports[i]}"',
+            f'interval = "{opts.interval}s"',
+            f"miss_threshold = {opts.miss_threshold}",
+            'method = "both"',
+            "[network]",
+            f'listen = "127.0.0.1:{udp_ports[i]}"',
+            f'key_file = "{key}"',
+        ]
+        for slot, pair in enumerate(names[site]):
+            lines += [
+                "[[beat]]",
+                f'id = "{pair}"',
+                f'volume = "{pvol}"',
+                f"slot = {slot}",
+                f'peers = ["127.0.0.1:{udp_ports[1 - i]}"]',
+            ]
+            links.append(Link(pair, str(pvol), str(folder / other / f"svol-from-{site}.lun"), slot))
+        for slot, pair in enumerate(names[other]):
+            lines += ["[[watch]]", f'id = "{pair}"', f'volume = "{svol}"', f"slot = {slot}"]
+        for lun, n in ((pvol, counts[i]), (svol, counts[1 - i])):
+            with open(lun, "wb") as f:
+                f.truncate(max(n, 1) * SLOT_SIZE)  # zeroed slots: "awaiting" until beats come
+        path = folder / f"{site}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        configs.append(load_config(path))
+    return configs, links
+
+
+class RecentEvents(logging.Handler):
+    """Keeps the last log lines for the live view (logging to the terminal would tear it)."""
+
+    def __init__(self, size: int = 6) -> None:
+        super().__init__()
+        self.lines: collections.deque[str] = collections.deque(maxlen=size)
+        self.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class Demo:
+    def __init__(self, opts: DemoOptions, out: TextIO = sys.stdout) -> None:
+        self.opts = opts
+        self.out = out
+        self.folder = Path(tempfile.mkdtemp(prefix="hbmon-demo-"))
+        self.events: RecentEvents | None = None
+        self.sites: list[Site] = []
+
+    def banner(self) -> str:
+        a, b = (s.address or ("?", 0) for s in self.sites)
+        url_a, url_b = f"http://{a[0]}:{a[1]}", f"http://{b[0]}:{b[1]}"
+        first = sorted(self.sites[0].table.writers)[:1] or ["PAIR"]
+        pair = first[0]
+        kept = "kept on exit" if self.opts.keep else "removed on exit"
+        lines = [
+            f"hbmon demo: sites {SITES[0]} and {SITES[1]} in this process, {self.opts.pairs} "
+            f"pairs beating both ways, remote copy lag {self.opts.lag * 1000:.0f} ms",
+            f"  files     {self.folder} ({kept})",
+            f"  {SITES[0]:<9} {url_a}/metrics   {url_a}/status.json",
+            f"  {SITES[1]:<9} {url_b}/metrics   {url_b}/status.json",
+            f"  status    hbmon status --url {url_b}      (or --url {url_a})",
+            f"  faults    hbmon lab kill-host {pair} | freeze-host {pair} | thaw-host {pair}",
+            f"            hbmon lab cut-link [PAIR] | partition [PAIR] | corrupt {pair} | heal",
+            "  stop      Ctrl-C",
+        ]
+        return "\n".join(lines)
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if not self.opts.keep:
+                shutil.rmtree(self.folder, ignore_errors=True)
+
+    async def _run(self) -> None:
+        configs, links = prepare(self.folder, self.opts)
+        mirror = RemoteCopy(SystemClock(), links, lag=self.opts.lag)
+        self.sites = [Site(cfg, on_written=mirror.written) for cfg in configs]
+        writers = {pair: site for site in self.sites for pair in site.table.writers}
+        lab = Lab(writers, mirror, self.sites)
+        for site in self.sites:
+            site.api.extra_routes = lab.routes()
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await tg.start(mirror.run)
+                for site in self.sites:
+                    await tg.start(site.run)
+                self._announce()
+                if self.events is not None:
+                    tg.start_soon(self._live_view)
+                with anyio.move_on_after(self.opts.duration or math.inf):
+                    async for signum in signals:
+                        log.info("%s received: stopping the demo", signal.Signals(signum).name)
+                        break
+            tg.cancel_scope.cancel()
+
+    def _announce(self) -> None:
+        url = "http://{}:{}".format(*(self.sites[0].address or ("127.0.0.1", 0)))
+        info = {"pid": os.getpid(), "url": url, "folder": str(self.folder)}
+        (self.folder / DEMO_FILE).write_text(json.dumps(info))
+        print(self.banner(), file=self.out, flush=True)
+
+    async def _live_view(self) -> None:
+        """Redraw the status of both sites in place, once a second."""
+        while True:
+            size = shutil.get_terminal_size((120, 40))
+            budget = max(2, (size.lines - 14) // 2)
+            parts = [self.banner(), ""]
+            for site in reversed(self.sites):  # tokyo watches osaka's pairs first
+                doc = site.api.status_document()
+                verdicts = collections.Counter(
+                    p.verdict for p in site.table.pairs.values()
+                ).most_common()
+                summary = ", ".join(f"{n} {v}" for v, n in verdicts)
+                parts.append(f"[{site.config.site}] verdicts: {summary}")
+                parts.append(format_status(doc, limit=budget))
+                parts.append("")
+            if self.events is not None and self.events.lines:
+                parts.append("recent events:")
+                parts.extend(f"  {line}" for line in self.events.lines)
+            text = "\n".join(line[: size.columns] for line in "\n".join(parts).splitlines())
+            self.out.write("\x1b[H\x1b[2J" + text + "\n")
+            self.out.flush()
+            await anyio.sleep(1.0)
+
+
+def run_demo(opts: DemoOptions, *, live: bool) -> None:
+    demo = Demo(opts)
+    if live:
+        demo.events = RecentEvents()
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(demo.events)
+    anyio.run(demo.run)
