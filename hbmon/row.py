@@ -126,7 +126,12 @@ class PathRow:
             self._beat(rec, now, wall)
             return "restart"
         if rec.serial > (self.serial or 0) or rec.state != self.record_state:
-            if self.state == "stale" and not self.undead and rec.state is State.ACTIVE:
+            if (
+                self.state == "stale"
+                and self.last_change is not None  # it had beaten before it went quiet
+                and not self.undead
+                and rec.state is State.ACTIVE
+            ):
                 # Same incarnation after we declared it dead: a frozen host resumed,
                 # perhaps after its pair failed over.  It is a beat, and it is flagged.
                 self.undead = True
