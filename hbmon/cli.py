@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     retire.add_argument("--id", required=True)
     retire.add_argument("--slot", type=int, default=0)
 
+    fo = sub.add_parser("failover", help="what an HbmonHostDown alert would do for a pair")
+    fo.add_argument("pair")
+    fo.add_argument("--dry-run", action="store_true", required=True, help="decide, do not act")
+    fo.add_argument("--url", default=os.environ.get("HBMON_URL", DEFAULT_URL))
+
     demo = sub.add_parser("demo", help="a complete two-site lab on this machine (start here)")
     demo.add_argument("--pairs", type=int, default=8, help="pairs in all, half each way")
     demo.add_argument("--listen", default="127.0.0.1:9799", help="HOST:PORT of the first site")
@@ -324,7 +329,7 @@ def _announce(args: argparse.Namespace, kind: str, record: Record) -> int:
     if not args.config:
         return 0
     from hbmon.config import load_config
-    from hbmon.netbeat import ACTIVATE, RETIRE, NetSender, load_key, resolve_peers
+    from hbmon.netbeat import ACTIVATE, RETIRE, NetSender, load_secret, resolve_peers
 
     config = load_config(args.config)
     beat = next((b for b in config.beats if b.id == args.id), None)
@@ -333,7 +338,7 @@ def _announce(args: argparse.Namespace, kind: str, record: Record) -> int:
             f"{args.config}: no [[beat]] with id {args.id!r}, peers and a network.key_file: "
             "nothing to announce to (the record is written)"
         )
-    sender = NetSender(load_key(config.network.key_file))
+    sender = NetSender(load_secret(config.network.key_file))
     try:
         peers = resolve_peers(beat.peers)
         # Sent once: if UDP loses it, the record on the mirrored volume says the same.
@@ -358,6 +363,29 @@ def cmd_config(args: argparse.Namespace) -> int:
         f"{args.config}: valid: site {config.site!r}, {len(config.beats)} beat(s), "
         f"{len(config.watches)} watch(es), watch_glob patterns: {globs}"
     )
+    return 0
+
+
+# -- failover -------------------------------------------------------------------------
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    target = f"{args.url.rstrip('/')}/api/v1/failover/{quote(args.pair, safe='')}"
+    try:
+        with urllib.request.urlopen(target, timeout=10) as resp:
+            doc = json.load(resp)
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")
+        raise HbmonError(f"{target}: HTTP {err.code}: {detail}") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise HbmonError(f"cannot reach {target}: {err}") from None
+    if doc["action"] == "failover":
+        print(f"{args.pair}: an HbmonHostDown alert would run: {' '.join(doc['command'])}")
+    else:
+        print(f"{args.pair}: an HbmonHostDown alert would be refused")
+    print(f"  because: {doc['reason']}")
     return 0
 
 
@@ -409,6 +437,7 @@ _COMMANDS = {
     "status": cmd_status,
     "volume": cmd_volume,
     "config": cmd_config,
+    "failover": cmd_failover,
     "demo": cmd_demo,
     "lab": cmd_lab,
 }

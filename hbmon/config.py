@@ -87,6 +87,7 @@ class WatchConfig:
     method: str = "both"
     timing: Timing = field(default_factory=Timing)
     failover: tuple[str, ...] = ()
+    failover_single_path: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class WatchGlobConfig:
     method: str = "both"
     timing: Timing = field(default_factory=Timing)
     failover: tuple[str, ...] = ()
+    failover_single_path: bool = False
     rescan: float = 10.0
 
 
@@ -116,6 +118,8 @@ class SiteConfig:
     io_threads: int = 8
     network: NetworkConfig = field(default_factory=NetworkConfig)
     webhook_token_file: Path | None = None
+    failover_hold_down: float = 600.0
+    failover_timeout: float = 60.0
     beats: tuple[BeatConfig, ...] = ()
     watches: tuple[WatchConfig, ...] = ()
     watch_globs: tuple[WatchGlobConfig, ...] = ()
@@ -193,6 +197,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _method(value: Any) -> str:
     if value not in METHODS:
         raise ValueError(f"expected one of {', '.join(METHODS)}, got {value!r}")
@@ -263,6 +273,8 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
     net.done()
     hook = top.table("webhook")
     token_file = hook.get("token_file", as_path, None)
+    hold_down = hook.get("hold_down", parse_duration, 600.0)
+    failover_timeout = hook.get("failover_timeout", parse_duration, 60.0)
     hook.done()
 
     beats = []
@@ -288,6 +300,7 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
                 method=t.get("method", _method, method),
                 timing=_timing(t, timing),
                 failover=t.get("failover", _command, ()),
+                failover_single_path=t.get("failover_single_path", _bool, False),
             )
         )
         t.done()
@@ -304,6 +317,7 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
                 method=t.get("method", _method, method),
                 timing=_timing(t, timing),
                 failover=t.get("failover", _command, ()),
+                failover_single_path=t.get("failover_single_path", _bool, False),
                 rescan=t.get("rescan", parse_duration, 10.0),
             )
         )
@@ -319,6 +333,8 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
         io_threads=top.get("io_threads", _positive_int, 8),
         network=network,
         webhook_token_file=token_file,
+        failover_hold_down=hold_down,
+        failover_timeout=failover_timeout,
         beats=tuple(beats),
         watches=tuple(watches),
         watch_globs=tuple(globs),

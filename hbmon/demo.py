@@ -163,7 +163,7 @@ class Demo:
         writers = {pair: site for site in self.sites for pair in site.table.writers}
         lab = Lab(writers, mirror, self.sites)
         for site in self.sites:
-            site.api.extra_routes = lab.routes()
+            site.api.extra_routes.extend(lab.routes())
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 await tg.start(mirror.run)

@@ -153,6 +153,14 @@ class StatusCollector(Collector):
             sent.add_metric([stats.pair], stats.sent)
             for reason, count in sorted(stats.errors.items()):
                 write_errors.add_metric([stats.pair, reason], count)
+        failovers = CounterMetricFamily(
+            "hbmon_failover",
+            "Failover decisions on Alertmanager notifications, by result",
+            labels=["pair", "result"],
+        )
+        for (pair_id, result), count in sorted(table.failovers.items()):
+            failovers.add_metric([pair_id, result], count)
+        yield failovers
         yield written
         yield write_errors
         yield sent

@@ -48,7 +48,7 @@ class Rejected(Exception):
         self.reason = reason
 
 
-def load_key(path: Path, key_name: str = "network.key_file") -> bytes:
+def load_secret(path: Path, key_name: str = "network.key_file") -> bytes:
     """Read the shared key; refuse one that others may read or that is too short."""
     try:
         st = os.stat(path)

@@ -125,7 +125,9 @@ class Poller:
     def configure(self, config: SiteConfig) -> None:
         """Watch what ``config`` lists (glob patterns are expanded by :meth:`rescan`)."""
         for w in config.watches:
-            self.watch(w.id, str(w.volume), w.slot, w.method, w.timing, w.failover)
+            self.watch(
+                w.id, str(w.volume), w.slot, w.method, w.timing, w.failover, w.failover_single_path
+            )
         self.globs = config.watch_globs
 
     def watch(
@@ -136,6 +138,7 @@ class Poller:
         method: str,
         timing: Timing,
         failover: tuple[str, ...] = (),
+        failover_single_path: bool = False,
     ) -> None:
         existing = self.targets.get(pair)
         if existing is not None and (
@@ -143,7 +146,15 @@ class Poller:
         ):
             self._drop_target(pair)
             existing = None
-        self.table.add_pair(pair, method, timing, volume=path, slot=slot, failover=failover)
+        self.table.add_pair(
+            pair,
+            method,
+            timing,
+            volume=path,
+            slot=slot,
+            failover=failover,
+            failover_single_path=failover_single_path,
+        )
         if method == "network":
             return
         if existing is not None:
@@ -185,7 +196,15 @@ class Poller:
                 if current is None and pair in self.table.pairs:
                     continue  # an explicit [[watch]] of the same id wins
                 if current is None or current.path == path:
-                    self.watch(pair, path, g.slot, g.method, g.timing, g.failover)
+                    self.watch(
+                        pair,
+                        path,
+                        g.slot,
+                        g.method,
+                        g.timing,
+                        g.failover,
+                        g.failover_single_path,
+                    )
             paths = set(matches.values())
             for pair, target in list(self.targets.items()):
                 row = self.table.row(pair, "volume")

@@ -20,11 +20,13 @@ from hbmon.beater import Beater
 from hbmon.clock import Clock, SystemClock
 from hbmon.config import SiteConfig, load_config, parse_hostport
 from hbmon.errors import HbmonError
+from hbmon.failover import JOURNAL_NAME, FailoverGuard, Journal
 from hbmon.http import HttpApi, serve_http
 from hbmon.metrics import make_registry
-from hbmon.netbeat import NetListener, NetSender, load_key
+from hbmon.netbeat import NetListener, NetSender, load_secret
 from hbmon.poller import Poller
 from hbmon.status import StatusTable
+from hbmon.webhook import Webhook
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class Site:
         self.listen = listen or config.listen
         self.table = StatusTable(self.clock, site=config.site)
         self.registry = make_registry(self.table)
-        key = load_key(config.network.key_file) if config.network.key_file else None
+        key = load_secret(config.network.key_file) if config.network.key_file else None
         self.sender = NetSender(key) if key is not None else None
         self.listener = (
             NetListener(self.table, self.clock, key, config.network.listen)
@@ -65,6 +67,21 @@ class Site:
             on_written=on_written,
         )
         self.api = HttpApi(self.table, self.registry)
+        token = (
+            load_secret(config.webhook_token_file, "webhook.token_file")
+            if config.webhook_token_file
+            else None
+        )
+        self.guard = FailoverGuard(
+            self.table,
+            self.clock,
+            Journal(config.state_dir / JOURNAL_NAME),
+            hold_down=config.failover_hold_down,
+            timeout=config.failover_timeout,
+        )
+        self.webhook = Webhook(self.guard, token, self._task_group)
+        self.api.extra_routes.extend(self.webhook.routes())
+        self._tg: anyio.abc.TaskGroup | None = None
         self.address: tuple[str, int] | None = None
 
     async def run(
@@ -73,6 +90,7 @@ class Site:
         host, port = parse_hostport(self.listen)
         try:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 self.address = await tg.start(serve_http, self.api.app(), host, port)
                 if self.listener is not None:
                     await tg.start(self.listener.run)
@@ -90,6 +108,11 @@ class Site:
             self.beater.close()
             if self.sender is not None:
                 self.sender.close()
+
+    def _task_group(self) -> anyio.abc.TaskGroup:
+        if self._tg is None:
+            raise RuntimeError("the site is not running")
+        return self._tg
 
     async def _judge_loop(self) -> None:
         """Re-judge every pair once a second, so time-driven changes (stale, host_down)

@@ -63,6 +63,7 @@ class Pair:
     volume: str | None = None
     slot: int = 0
     failover: tuple[str, ...] = ()
+    failover_single_path: bool = False
     rows: dict[str, PathRow] = field(default_factory=dict)
     verdict: str = "unknown"
 
@@ -175,6 +176,7 @@ class StatusTable:
         self.workers_stuck = 0
         self.io_backend = "threads"
         self.net_rejected: Counter[str] = Counter()
+        self.failovers: Counter[tuple[str, str]] = Counter()
         self.started = clock.monotonic()
         self.last_poll_tick = self.started
 
@@ -187,6 +189,7 @@ class StatusTable:
         volume: str | None = None,
         slot: int = 0,
         failover: tuple[str, ...] = (),
+        failover_single_path: bool = False,
     ) -> Pair:
         """Add a pair (or update its policy, keeping its rows) and create its rows."""
         now = self.clock.monotonic()
@@ -196,6 +199,7 @@ class StatusTable:
         else:
             pair.method, pair.timing, pair.volume, pair.slot = method, timing, volume, slot
             pair.failover = failover
+        pair.failover_single_path = failover_single_path
         wanted = PATHS if method == "both" else (method,)
         for path in wanted:
             row = pair.rows.get(path)

@@ -1,0 +1,115 @@
+"""``POST /api/v1/alerts``: Alertmanager's webhook (version 4), feeding the failover guard.
+
+401 without a bearer token, 403 with a wrong one, 400 with a clear message for a body
+that is not an Alertmanager notification, 413 for a body over 1 MiB (aiohttp's limit).
+Each firing ``HbmonHostDown`` alert with a ``pair`` label goes to the guard, which
+decides on its own table; resolved and other alerts are acknowledged and ignored, so
+repeated and resolved notifications are idempotent.
+``GET /api/v1/failover/{pair}`` answers what an alert would cause now (a dry run).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anyio.abc
+from aiohttp import web
+
+from hbmon.failover import FailoverGuard
+
+log = logging.getLogger(__name__)
+
+ALERT_NAME = "HbmonHostDown"
+MAX_BODY = 1 << 20
+
+
+class BadNotification(ValueError):
+    pass
+
+
+def parse_notification(body: bytes) -> list[dict[str, Any]]:
+    """The alerts of an Alertmanager v4 notification; raises :class:`BadNotification`."""
+    try:
+        doc = json.loads(body)
+    except ValueError as err:
+        raise BadNotification(f"body is not JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise BadNotification("body must be a JSON object (an Alertmanager notification)")
+    if doc.get("version") != "4":
+        raise BadNotification(f"version is {doc.get('version')!r}; this webhook speaks \"4\"")
+    alerts = doc.get("alerts")
+    if not isinstance(alerts, list):
+        raise BadNotification("'alerts' must be a list")
+    for i, alert in enumerate(alerts):
+        if not isinstance(alert, dict) or not isinstance(alert.get("labels"), dict):
+            raise BadNotification(f"alerts[{i}] must be an object with a 'labels' object")
+        if alert.get("status") not in ("firing", "resolved"):
+            raise BadNotification(
+                f"alerts[{i}].status is {alert.get('status')!r}, not firing or resolved"
+            )
+    return alerts
+
+
+class Webhook:
+    """The HTTP side of failover; the guard does the deciding."""
+
+    def __init__(
+        self,
+        guard: FailoverGuard | None,
+        token: bytes | None,
+        task_group: Callable[[], anyio.abc.TaskGroup],
+    ) -> None:
+        self.guard = guard
+        self.token = token
+        self.task_group = task_group
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/api/v1/alerts", self.alerts),
+            web.get("/api/v1/failover/{pair}", self.dry_run),
+        ]
+
+    async def alerts(self, request: web.Request) -> web.Response:
+        if self.guard is None or self.token is None:
+            return _error(503, "webhook not configured: set [webhook] token_file")
+        auth = request.headers.get("Authorization", "")
+        if not auth:
+            return _error(401, "bearer token required", {"WWW-Authenticate": "Bearer"})
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token
+        ):
+            return _error(403, "wrong bearer token")
+        if (request.content_length or 0) > MAX_BODY:
+            return _error(413, f"body over {MAX_BODY} bytes")
+        try:
+            alerts = parse_notification(await request.read())
+        except BadNotification as err:
+            return _error(400, str(err))
+        decisions = []
+        for alert in alerts:
+            labels = alert["labels"]
+            name, pair = labels.get("alertname"), labels.get("pair")
+            if name != ALERT_NAME or alert["status"] != "firing":
+                decisions.append({"alert": name, "pair": pair, "action": "ignored"})
+                continue
+            if not isinstance(pair, str) or not pair:
+                decisions.append({"alert": name, "action": "ignored", "reason": "no pair label"})
+                continue
+            decision = await self.guard.on_alert(pair, self.task_group())
+            decisions.append({"alert": name, **decision.as_dict()})
+        return web.json_response({"decisions": decisions})
+
+    async def dry_run(self, request: web.Request) -> web.Response:
+        if self.guard is None:
+            return _error(503, "failover is not configured on this site ([webhook] token_file)")
+        decision = self.guard.decide(request.match_info["pair"])
+        return web.json_response({"dry_run": True, **decision.as_dict()})
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
