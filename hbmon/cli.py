@@ -10,12 +10,14 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from hbmon import __version__
@@ -93,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lag", type=float, default=50.0, help="remote copy lag in ms")
     demo.add_argument("--interval", default="1s", help="beat interval")
     demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    demo.add_argument(
+        "--failover",
+        help='failover command run on a guarded HbmonHostDown alert; "{pair}" is replaced '
+        "(default: append to failovers.log in the demo folder)",
+    )
+    demo.add_argument("--webhook-token-file", help="bearer token file for the webhook")
+    demo.add_argument("--hold-down", default="10m", help="failover hold-down per pair")
 
     lab = sub.add_parser("lab", help="fault injection against a running demo")
     lab.add_argument(
@@ -405,6 +414,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         parse_hostport(args.listen)
         interval = parse_duration(args.interval)
+        hold_down = parse_duration(args.hold_down)
+        failover = tuple(shlex.split(args.failover)) if args.failover else ()
     except ValueError as err:
         raise UsageError(str(err)) from None
     opts = DemoOptions(
@@ -414,6 +425,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         lag=args.lag / 1000,
         interval=interval,
         keep=args.keep,
+        failover=failover,
+        webhook_token_file=Path(args.webhook_token_file) if args.webhook_token_file else None,
+        hold_down=hold_down,
     )
     try:
         run_demo(opts, live=sys.stdout.isatty())

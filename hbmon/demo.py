@@ -49,6 +49,9 @@ class DemoOptions:
     interval: float = 1.0
     miss_threshold: int = 3
     keep: bool = False
+    failover: tuple[str, ...] = ()  # command template; "{pair}" is replaced by the pair
+    webhook_token_file: Path | None = None
+    hold_down: float = 600.0
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
@@ -67,6 +70,17 @@ def prepare(folder: Path, opts: DemoOptions) -> tuple[list[SiteConfig], list[Lin
     key = folder / "hb.key"
     key.write_text(os.urandom(32).hex() + "\n")
     key.chmod(0o600)
+    token = opts.webhook_token_file or folder / "webhook.token"
+    if opts.webhook_token_file is None:
+        token.write_text(os.urandom(24).hex() + "\n")
+        token.chmod(0o600)
+    failover = opts.failover or (
+        sys.executable,
+        "-c",
+        "import sys, time; open(sys.argv[1], 'a').write(f'{time.time():.3f} {sys.argv[2]}\\n')",
+        str(folder / "failovers.log"),
+        "{pair}",
+    )
     host, port = parse_hostport(opts.listen)
     http_ports = [port, port + 1] if port else [free_port(socket.SOCK_STREAM) for _ in SITES]
     udp_ports = [free_port() for _ in SITES]
@@ -89,6 +103,10 @@ def prepare(folder: Path, opts: DemoOptions) -> tuple[list[SiteConfig], list[Lin
             "[network]",
             f'listen = "127.0.0.1:{udp_ports[i]}"',
             f'key_file = "{key}"',
+            "[webhook]",
+            f'token_file = "{token}"',
+            f'hold_down = "{opts.hold_down}s"',
+            'failover_timeout = "30s"',
         ]
         for slot, pair in enumerate(names[site]):
             lines += [
@@ -100,7 +118,14 @@ def prepare(folder: Path, opts: DemoOptions) -> tuple[list[SiteConfig], list[Lin
             ]
             links.append(Link(pair, str(pvol), str(folder / other / f"svol-from-{site}.lun"), slot))
         for slot, pair in enumerate(names[other]):
-            lines += ["[[watch]]", f'id = "{pair}"', f'volume = "{svol}"', f"slot = {slot}"]
+            command = [arg.replace("{pair}", pair) for arg in failover]
+            lines += [
+                "[[watch]]",
+                f'id = "{pair}"',
+                f'volume = "{svol}"',
+                f"slot = {slot}",
+                f"failover = {json.dumps(command)}",
+            ]
         for lun, n in ((pvol, counts[i]), (svol, counts[1 - i])):
             with open(lun, "wb") as f:
                 f.truncate(max(n, 1) * SLOT_SIZE)  # zeroed slots: "awaiting" until beats come
@@ -145,6 +170,8 @@ class Demo:
             f"  status    hbmon status --url {url_b}      (or --url {url_a})",
             f"  faults    hbmon lab kill-host {pair} | freeze-host {pair} | thaw-host {pair}",
             f"            hbmon lab cut-link [PAIR] | partition [PAIR] | corrupt {pair} | heal",
+            f"  failover  Alertmanager webhook {url_a}/api/v1/alerts (and {url_b}), token in "
+            f"{self.opts.webhook_token_file or self.folder / 'webhook.token'}",
             "  stop      Ctrl-C",
         ]
         return "\n".join(lines)

@@ -40,7 +40,7 @@ def parse_notification(body: bytes) -> list[dict[str, Any]]:
     if not isinstance(doc, dict):
         raise BadNotification("body must be a JSON object (an Alertmanager notification)")
     if doc.get("version") != "4":
-        raise BadNotification(f"version is {doc.get('version')!r}; this webhook speaks \"4\"")
+        raise BadNotification(f'version is {doc.get("version")!r}; this webhook speaks "4"')
     alerts = doc.get("alerts")
     if not isinstance(alerts, list):
         raise BadNotification("'alerts' must be a list")
