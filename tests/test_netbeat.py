@@ -18,7 +18,7 @@ from hbmon.netbeat import (
     Rejected,
     decode_datagram,
     encode_datagram,
-    load_key,
+    load_secret,
 )
 from hbmon.record import Record, State
 from hbmon.status import StatusTable
@@ -155,14 +155,14 @@ def test_key_file_rules(tmp_path: Path) -> None:
     key.write_bytes(b"s" * 32)
     key.chmod(0o644)
     with pytest.raises(ConfigError, match="world-readable"):
-        load_key(key)
+        load_secret(key)
     key.chmod(0o600)
-    assert load_key(key) == b"s" * 32
+    assert load_secret(key) == b"s" * 32
     key.write_bytes(b"short")
     with pytest.raises(ConfigError, match="at least 16"):
-        load_key(key)
+        load_secret(key)
     with pytest.raises(ConfigError, match="cannot read"):
-        load_key(tmp_path / "missing.key")
+        load_secret(tmp_path / "missing.key")
 
 
 def test_a_dying_host_is_never_a_partition_on_the_way_to_host_down(
