@@ -23,9 +23,64 @@ from hbmon.netbeat import REJECT_REASONS
 from hbmon.status import STATES, StatusTable
 from hbmon.verdict import VERDICTS
 
+#: The per-pair families: (name without _total, type, help).  Shared by the reference
+#: collector below and the fast renderer in :mod:`hbmon.exposition`, so both say the same.
+PAIR_FAMILIES = {
+    "age": (
+        "hbmon_heartbeat_age_seconds",
+        "gauge",
+        "Reader-monotonic seconds since the last new beat",
+    ),
+    "last": (
+        "hbmon_heartbeat_last_timestamp_seconds",
+        "gauge",
+        "Writer's time field of the newest valid record (Unix seconds)",
+    ),
+    "serial": ("hbmon_heartbeat_serial", "gauge", "Newest serial seen"),
+    "missed": ("hbmon_heartbeat_missed", "counter", "Expected beats that did not arrive"),
+    "up": ("hbmon_heartbeat_up", "gauge", "1 while the path is fresh"),
+    "state": ("hbmon_heartbeat_state", "gauge", "1 for the current per-path state"),
+    "skew": (
+        "hbmon_heartbeat_clock_skew_seconds",
+        "gauge",
+        "Writer time minus reader time at the last sighting (diagnostic only)",
+    ),
+    "errors": (
+        "hbmon_volume_read_errors",
+        "counter",
+        "Volume reads that failed or found no valid record, by reason",
+    ),
+    "verdict": (
+        "hbmon_pair_verdict",
+        "gauge",
+        "1 for the pair's current verdict, derived from its configured paths",
+    ),
+    "warning": (
+        "hbmon_timing_warning",
+        "gauge",
+        "1 while writer and reader timing disagree (interval_mismatch, threshold_too_short)",
+    ),
+    "undead": (
+        "hbmon_heartbeat_undead",
+        "gauge",
+        "1 while a writer that was declared stale beats again with the same incarnation",
+    ),
+}
 
-class StatusCollector(Collector):
-    """Exports the ``hbmon_*`` families of DESIGN.md from a :class:`StatusTable`."""
+
+def _family(key: str, labels: list[str]) -> GaugeMetricFamily | CounterMetricFamily:
+    name, kind, text = PAIR_FAMILIES[key]
+    if kind == "counter":
+        return CounterMetricFamily(name, text, labels=labels)
+    return GaugeMetricFamily(name, text, labels=labels)
+
+
+class PairCollector(Collector):
+    """The per-pair ``hbmon_*`` families, as prometheus-client objects.
+
+    ``/metrics`` renders the same families with :func:`hbmon.exposition.render_pairs`,
+    which is an order of magnitude faster at 10,000 pairs; tests check both agree.
+    """
 
     def __init__(self, table: StatusTable, registry: CollectorRegistry | None = None) -> None:
         self.table = table
@@ -37,82 +92,59 @@ class StatusCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         table = self.table
-        now = table.evaluate()
+        now = table.clock.monotonic()
+        table.run_due(now)
         pp = ["pair", "path"]
-        age = GaugeMetricFamily(
-            "hbmon_heartbeat_age_seconds",
-            "Reader-monotonic seconds since the last new beat",
-            labels=pp,
-        )
-        last = GaugeMetricFamily(
-            "hbmon_heartbeat_last_timestamp_seconds",
-            "Writer's time field of the newest valid record (Unix seconds)",
-            labels=pp,
-        )
-        serial = GaugeMetricFamily("hbmon_heartbeat_serial", "Newest serial seen", labels=pp)
-        missed = CounterMetricFamily(
-            "hbmon_heartbeat_missed", "Expected beats that did not arrive", labels=pp
-        )
-        up = GaugeMetricFamily("hbmon_heartbeat_up", "1 while the path is fresh", labels=pp)
-        state = GaugeMetricFamily(
-            "hbmon_heartbeat_state",
-            "1 for the current per-path state",
-            labels=[*pp, "state"],
-        )
-        skew = GaugeMetricFamily(
-            "hbmon_heartbeat_clock_skew_seconds",
-            "Writer time minus reader time at the last sighting (diagnostic only)",
-            labels=["pair"],
-        )
-        errors = CounterMetricFamily(
-            "hbmon_volume_read_errors",
-            "Volume reads that failed or found no valid record, by reason",
-            labels=["pair", "reason"],
-        )
-        verdicts = GaugeMetricFamily(
-            "hbmon_pair_verdict",
-            "1 for the pair's current verdict, derived from its configured paths",
-            labels=["pair", "verdict"],
-        )
-        warnings = GaugeMetricFamily(
-            "hbmon_timing_warning",
-            "1 while writer and reader timing disagree (interval_mismatch, threshold_too_short)",
-            labels=[*pp, "warning"],
-        )
-        undead = GaugeMetricFamily(
-            "hbmon_heartbeat_undead",
-            "1 while a writer that was declared stale beats again with the same incarnation",
-            labels=pp,
-        )
+        fam = {key: _family(key, pp) for key in ("age", "last", "serial", "missed", "up")}
+        fam["state"] = _family("state", [*pp, "state"])
+        fam["skew"] = _family("skew", ["pair"])
+        fam["errors"] = _family("errors", ["pair", "reason"])
+        fam["verdict"] = _family("verdict", ["pair", "verdict"])
+        fam["warning"] = _family("warning", [*pp, "warning"])
+        fam["undead"] = _family("undead", pp)
         for pair in table.pairs.values():
             for name in VERDICTS:
-                verdicts.add_metric([pair.id, name], 1.0 if pair.verdict == name else 0.0)
+                fam["verdict"].add_metric([pair.id, name], 1.0 if pair.verdict == name else 0.0)
             skew_value: float | None = None
             for path, row in pair.rows.items():
                 labels = [pair.id, path]
                 row_age = row.age(now)
                 if row_age is not None:
-                    age.add_metric(labels, row_age)
+                    fam["age"].add_metric(labels, row_age)
                 if row.writer_time is not None:
-                    last.add_metric(labels, row.writer_time)
+                    fam["last"].add_metric(labels, row.writer_time)
                 if row.serial is not None:
-                    serial.add_metric(labels, row.serial)
-                missed.add_metric(labels, row.missed_total)
-                up.add_metric(labels, 1.0 if row.up else 0.0)
-                undead.add_metric(labels, 1.0 if row.undead else 0.0)
+                    fam["serial"].add_metric(labels, row.serial)
+                fam["missed"].add_metric(labels, row.missed_total)
+                fam["up"].add_metric(labels, 1.0 if row.up else 0.0)
+                fam["undead"].add_metric(labels, 1.0 if row.undead else 0.0)
                 for name in STATES:
-                    state.add_metric([*labels, name], 1.0 if row.state == name else 0.0)
+                    fam["state"].add_metric([*labels, name], 1.0 if row.state == name else 0.0)
                 for warning in row.timing_warnings():
-                    warnings.add_metric([*labels, warning], 1.0)
+                    fam["warning"].add_metric([*labels, warning], 1.0)
                 if row.skew is not None and (skew_value is None or path == "volume"):
                     skew_value = row.skew
                 if path == "volume":
                     for reason, count in sorted(row.errors.items()):
-                        errors.add_metric([pair.id, reason], count)
+                        fam["errors"].add_metric([pair.id, reason], count)
             if skew_value is not None:
-                skew.add_metric([pair.id], skew_value)
-        yield from (age, last, serial, missed, up, state, skew, errors, verdicts, warnings, undead)
+                fam["skew"].add_metric([pair.id], skew_value)
+        yield from fam.values()
 
+
+class SiteCollector(Collector):
+    """The site-wide families: network, reads, scheduler, writers, failovers, build."""
+
+    def __init__(self, table: StatusTable, registry: CollectorRegistry | None = None) -> None:
+        self.table = table
+        if registry is not None:
+            registry.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        table = self.table
         rejected = CounterMetricFamily(
             "hbmon_network_rejected",
             "Network datagrams dropped, by reason (never counted as beats)",
@@ -178,9 +210,16 @@ def _bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def make_registry(table: StatusTable) -> CollectorRegistry:
-    """A registry with hbmon's collector and the process metrics."""
+def site_registry(table: StatusTable) -> CollectorRegistry:
+    """The site-wide families and the process metrics (``/metrics`` adds the pairs)."""
     registry = CollectorRegistry(auto_describe=False)
-    StatusCollector(table, registry=registry)
+    SiteCollector(table, registry=registry)
     ProcessCollector(registry=registry)
+    return registry
+
+
+def make_registry(table: StatusTable) -> CollectorRegistry:
+    """Every family through prometheus-client objects: the reference for the fast path."""
+    registry = site_registry(table)
+    PairCollector(table, registry=registry)
     return registry

@@ -193,11 +193,10 @@ class NetListener:
         if kind == ACTIVATE:
             changed = [r.observe_install(now) for r in pair.rows.values()]
             if any(changed):
-                log.info(
-                    "pair %s: installed (activation received), awaiting its first beat", pair.id
-                )
-            result = "activate"
-        else:
-            result = row.observe_record(record, now, wall, sent=True)
-        pair.judge(now)
+                log.info("pair %s: installed (activation received), awaiting a beat", pair.id)
+            for r in pair.rows.values():
+                self.table.touch(r, now)
+            return "activate"
+        result = row.observe_record(record, now, wall, sent=True)
+        self.table.touch(row, now)
         return result

@@ -34,7 +34,7 @@ from hbmon.workers import WorkerPool
 log = logging.getLogger(__name__)
 
 BATCH = 256  # reads per worker-thread call
-COALESCE = 0.002  # volumes due this close together are read in one batch
+COALESCE = 0.01  # volumes due within 10 ms are read in one batch (<= 100 batches a second)
 
 
 @dataclass(eq=False, slots=True)
@@ -286,7 +286,8 @@ class Poller:
         waited = now - target.submitted
         before = row.state
         row.observe_problem("io_hung", "io_hung", f"read has not returned for {waited:.1f} s", now)
-        self._log_change(target, before, row.evaluate(now), row.detail)
+        self.table.touch(row, now)
+        self._log_change(target, before, row.state, row.detail)
         self.table.pairs[target.pair].judge(now)
 
     def _deliver(self, target: Target, out: ReadOutcome) -> None:
@@ -311,8 +312,9 @@ class Poller:
         else:
             state = "invalid" if out.kind == "invalid" else "io_error"
             row.observe_problem(state, out.reason, out.detail, now)
-        self._log_change(target, before, row.evaluate(now), row.detail)
-        self.table.pairs[target.pair].judge(now)
+        self.table.touch(row, now)
+        if row.state != before:
+            self._log_change(target, before, row.state, row.detail)
 
     @staticmethod
     def _log_change(target: Target, before: str, after: str, detail: str) -> None:

@@ -22,7 +22,7 @@ from hbmon.config import SiteConfig, load_config, parse_hostport
 from hbmon.errors import HbmonError
 from hbmon.failover import JOURNAL_NAME, FailoverGuard, Journal
 from hbmon.http import HttpApi, serve_http
-from hbmon.metrics import make_registry
+from hbmon.metrics import site_registry
 from hbmon.netbeat import NetListener, NetSender, load_secret
 from hbmon.poller import Poller
 from hbmon.status import StatusTable
@@ -48,7 +48,7 @@ class Site:
         self.clock = clock or SystemClock()
         self.listen = listen or config.listen
         self.table = StatusTable(self.clock, site=config.site)
-        self.registry = make_registry(self.table)
+        self.registry = site_registry(self.table)
         key = load_secret(config.network.key_file) if config.network.key_file else None
         self.sender = NetSender(key) if key is not None else None
         self.listener = (
@@ -96,7 +96,7 @@ class Site:
                     await tg.start(self.listener.run)
                 await tg.start(self.poller.run)
                 await tg.start(self.beater.run)
-                tg.start_soon(self._judge_loop)
+                await tg.start(self.table.run_timers)
                 log.info(
                     "site %s: %d beat(s), %d watched pair(s)",
                     self.config.site,
@@ -113,13 +113,6 @@ class Site:
         if self._tg is None:
             raise RuntimeError("the site is not running")
         return self._tg
-
-    async def _judge_loop(self) -> None:
-        """Re-judge every pair once a second, so time-driven changes (stale, host_down)
-        are logged when they happen, not only when someone looks."""
-        while True:
-            await anyio.sleep(1.0)
-            self.table.evaluate()
 
     async def reload(self, config: SiteConfig) -> None:
         """Apply a new configuration: pairs added and removed, the others keep their state.

@@ -27,10 +27,15 @@ Rules (documented for operators in docs/metrics.md):
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
 
 from hbmon.clock import Clock
 from hbmon.config import Timing
@@ -68,10 +73,15 @@ class Pair:
     verdict: str = "unknown"
 
     def judge(self, now: float) -> str:
-        """Evaluate every path and derive the verdict (changes are logged)."""
+        """Evaluate every path at ``now`` and derive the verdict (changes are logged)."""
+        for row in self.rows.values():
+            row.evaluate(now)
+        return self.rejudge()
+
+    def rejudge(self) -> str:
+        """Derive the verdict from the paths' current states (changes are logged)."""
         before = self.verdict
-        states = {path: row.evaluate(now) for path, row in self.rows.items()}
-        self.verdict = verdict(states, self.ahead())
+        self.verdict = verdict({p: r.state for p, r in self.rows.items()}, self.ahead())
         if self.verdict != before:
             note = self.verdict_note
             log.info(
@@ -147,11 +157,7 @@ class Histogram:
         self.n = 0
 
     def observe(self, value: float) -> None:
-        i = 0
-        bounds = self.BOUNDS
-        while i < len(bounds) and value > bounds[i]:
-            i += 1
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.BOUNDS, value)] += 1
         self.total += value
         self.n += 1
 
@@ -177,6 +183,10 @@ class StatusTable:
         self.io_backend = "threads"
         self.net_rejected: Counter[str] = Counter()
         self.failovers: Counter[tuple[str, str]] = Counter()
+        self._timers: list[tuple[float, int, PathRow]] = []
+        self._seq = 0
+        self._sleep_until = -math.inf
+        self._wake = anyio.Event()
         self.started = clock.monotonic()
         self.last_poll_tick = self.started
 
@@ -206,16 +216,68 @@ class StatusTable:
             # Network beats arrive when sent, not when polled: half an interval of slack.
             period = timing.interval if path == "volume" else timing.interval / 2
             if row is None:
-                pair.rows[path] = PathRow(pair_id, path, timing, created=now, poll_period=period)
+                row = pair.rows[path] = PathRow(
+                    pair_id, path, timing, created=now, poll_period=period
+                )
             else:
                 row.timing, row.poll_period = timing, period
+            self.touch(row, now)
         for path in list(pair.rows):
             if path not in wanted:
                 del pair.rows[path]
         return pair
 
     def remove_pair(self, pair_id: str) -> None:
-        self.pairs.pop(pair_id, None)
+        pair = self.pairs.pop(pair_id, None)
+        for row in () if pair is None else pair.rows.values():
+            row.timer = -1.0  # its heap entry, if any, no longer matches: dropped when due
+
+    # -- keeping states current ---------------------------------------------------------
+
+    def touch(self, row: PathRow, now: float) -> None:
+        """Re-judge ``row`` after an observation (or when its timer falls due)."""
+        before = row.state
+        after = row.evaluate(now)
+        row.quiet_until = row.next_change(now)
+        pair = self.pairs.get(row.pair)
+        if pair is not None and (after != before or len(pair.rows) > 1):
+            pair.rejudge()  # with two paths, which one is ahead can change the verdict
+        if row.quiet_until < row.timer:
+            self._push(row.quiet_until, row)
+
+    def _push(self, when: float, row: PathRow) -> None:
+        self._seq += 1
+        row.timer = when
+        heapq.heappush(self._timers, (when, self._seq, row))
+        if when < self._sleep_until:
+            self._wake.set()
+
+    def run_due(self, now: float) -> None:
+        """Re-judge the rows whose state or missed count may have changed by ``now``."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, row = heapq.heappop(timers)
+            if row.timer != when:
+                continue  # superseded by an earlier entry, or the row was removed
+            row.timer = math.inf
+            if row.quiet_until <= now:
+                self.touch(row, now)
+            else:
+                self._push(row.quiet_until, row)
+
+    async def run_timers(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep every row's state current: sleep until the next possible change, judge."""
+        task_status.started()
+        while True:
+            now = self.clock.monotonic()
+            self.run_due(now)
+            self._sleep_until = self._timers[0][0] if self._timers else now + 1.0
+            self._wake = anyio.Event()
+            with anyio.move_on_after(max(0.0, min(self._sleep_until - now, 1.0))):
+                await self._wake.wait()
+            self._sleep_until = -math.inf
 
     def row(self, pair_id: str, path: str) -> PathRow | None:
         pair = self.pairs.get(pair_id)

@@ -1,0 +1,96 @@
+"""The fast /metrics renderer says exactly what the prometheus-client collector says."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from hbmon.clock import FakeClock
+from hbmon.config import Timing
+from hbmon.exposition import Renderer
+from hbmon.metrics import make_registry, site_registry
+from hbmon.record import Record
+from hbmon.status import StatusTable
+
+TIMING = Timing(interval=1.0, miss_threshold=3, recover_beats=2)
+
+
+def busy_table() -> StatusTable:
+    clock = FakeClock()
+    table = StatusTable(clock, site="tokyo")
+    ids = ["db1", "web-2", 'odd"name\\x', "net-only", "vol-only", "dead", "broken"]
+    methods = ["both", "both", "both", "network", "volume", "both", "volume"]
+    for pair, method in zip(ids, methods, strict=True):
+        table.add_pair(pair, method, TIMING)
+    for serial in (1, 2):
+        for pair in ids:
+            for row in table.pairs[pair].rows.values():
+                rec = Record(pair, 5, serial, clock.wall() + 2.5, 0.5 if pair == "web-2" else 1.0)
+                row.observe_record(rec, clock.monotonic(), clock.wall())
+                row.observe_latency(0.001)
+        clock.advance(0.5)
+    clock.advance(4)  # "dead" and everything else goes quiet...
+    for pair in ids[:5]:  # ...but these keep beating
+        for row in table.pairs[pair].rows.values():
+            row.observe_record(Record(pair, 5, 3, clock.wall(), 1.0), clock.monotonic(), 0.0)
+    broken = table.row("broken", "volume")
+    assert broken is not None
+    broken.observe_problem("invalid", "checksum_mismatch", "bad crc", clock.monotonic())
+    broken.observe_problem("invalid", "identity_mismatch", "db9", clock.monotonic())
+    table.net_rejected["replay"] += 3
+    table.failovers[("dead", "refused")] += 1
+    table.read_duration.observe(0.002)
+    table.evaluate()
+    return table
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("process_"):
+                continue  # the process metrics move between the two renderings
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_fast_rendering_equals_the_reference_collector() -> None:
+    table = busy_table()
+    renderer = Renderer(table, site_registry(table))
+    fast = renderer.render(renderer.inputs()).decode()
+    reference = generate_latest(make_registry(table)).decode()
+    got, want = samples(fast), samples(reference)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+    assert ("hbmon_pair_verdict", (("pair", "dead"), ("verdict", "host_down"))) in got
+    assert got[("hbmon_pair_verdict", (("pair", "dead"), ("verdict", "host_down")))] == 1.0
+    assert ("hbmon_timing_warning", (("pair", "web-2"), ("path", "network"), ("warning", "interval_mismatch"))) not in got  # noqa: E501  (web-2 beat at 1.0 last)
+    helps = [line for line in fast.splitlines() if line.startswith("# HELP")]
+    assert len(helps) == len(set(helps))
+
+
+def test_rendering_forgets_removed_pairs() -> None:
+    table = busy_table()
+    renderer = Renderer(table, site_registry(table))
+    renderer.render(renderer.inputs())
+    for pair in list(table.pairs):
+        table.remove_pair(pair)
+    text = renderer.render(renderer.inputs()).decode()
+    assert "db1" not in text
+    assert renderer.inputs() == []
+
+
+@pytest.mark.tools
+def test_promtool_accepts_the_fast_rendering(promtool: str) -> None:
+    table = busy_table()
+    renderer = Renderer(table, site_registry(table))
+    body = renderer.render(renderer.inputs())
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == b""
