@@ -1,6 +1,7 @@
 """The HTTP endpoints of a site, served by aiohttp from the same process.
 
 ``GET /metrics`` (Prometheus text format), ``GET /status.json`` (the status table),
+``GET /status`` (a self-contained live HTML view of that table, see docs/dashboards.md),
 ``GET /healthz`` (200 while the poll loop is running, 503 when it has stopped ticking).
 aiohttp is a well-kept asyncio server with keep-alive, limits and graceful shutdown, so
 hbmon does not hand-write HTTP.
@@ -8,21 +9,44 @@ hbmon does not hand-write HTTP.
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import logging
 import time
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from hbmon import __version__
+from hbmon.exposition import Renderer
 from hbmon.status import StatusTable
 
 log = logging.getLogger(__name__)
 
 HEALTHY_TICK = 5.0  # seconds without a poll-loop tick before /healthz says 503
+
+#: The status page fetches only ``status.json`` from its own origin; inline CSS and JS,
+#: nothing from anywhere else (the browser enforces it).
+STATUS_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+@functools.cache
+def status_page() -> bytes:
+    """The status page (``hbmon/static/status.html``), read once per process."""
+    return importlib.resources.files("hbmon").joinpath("static/status.html").read_bytes()
 
 
 class HttpApi:
@@ -30,12 +54,16 @@ class HttpApi:
 
     def __init__(self, table: StatusTable, registry: CollectorRegistry) -> None:
         self.table = table
-        self.registry = registry
+        self.registry = registry  # site-wide families; the pairs are rendered by Renderer
+        self.renderer = Renderer(table, registry)
+        self.render_limiter = anyio.CapacityLimiter(1)
         self.extra_routes: list[web.RouteDef] = []  # e.g. the demo's /lab endpoints
+        self.page = status_page()  # read once: a missing file fails at start, not per request
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/status", self.status_html)
         app.router.add_get("/status.json", self.status_json)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/", self.index)
@@ -43,8 +71,21 @@ class HttpApi:
         return app
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
+        # Gather on the loop (cheap, consistent), format on a worker thread: a scrape of
+        # 10,000 pairs must not hold up the poll loop.
+        inputs = self.renderer.inputs()
+        body = await anyio.to_thread.run_sync(
+            self.renderer.render, inputs, limiter=self.render_limiter
+        )
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def status_html(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.page,
+            content_type="text/html",
+            charset="utf-8",
+            headers=STATUS_PAGE_HEADERS,
+        )
 
     async def status_json(self, request: web.Request) -> web.Response:
         return web.json_response(self.status_document())
@@ -87,7 +128,8 @@ class HttpApi:
 
     async def index(self, request: web.Request) -> web.Response:
         return web.Response(
-            text=f"hbmon {__version__} site {self.table.site}: /metrics /status.json /healthz\n"
+            text=f"hbmon {__version__} site {self.table.site}: "
+            "/status /status.json /metrics /healthz\n"
         )
 
 
@@ -105,7 +147,9 @@ async def serve_http(
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
         bound = runner.addresses[0]
-        log.info("HTTP on http://%s:%d/ (/metrics /status.json /healthz)", bound[0], bound[1])
+        log.info(
+            "HTTP on http://%s:%d/ (/status /status.json /metrics /healthz)", bound[0], bound[1]
+        )
         task_status.started((str(bound[0]), int(bound[1])))
         await anyio.sleep_forever()
     finally:
