@@ -129,9 +129,10 @@ class PathRow:
             self._beat(rec, now, wall)
             return "restart"
         if rec.serial > (self.serial or 0) or rec.state != self.record_state:
+            t = self.timing
             if (
-                self.state == "stale"
-                and self.last_change is not None  # it had beaten before it went quiet
+                self.last_change is not None  # this incarnation had beaten before...
+                and now - self.last_change >= t.miss_threshold * t.interval  # ...went stale
                 and not self.undead
                 and rec.state is State.ACTIVE
             ):

@@ -240,6 +240,13 @@ class StatusTable:
         after = row.evaluate(now)
         row.quiet_until = row.next_change(now)
         pair = self.pairs.get(row.pair)
+        if pair is not None and row.last_change is None and (row.installed or row.serial == 0):
+            # Installed (an install record, or an activation): the other path waits for
+            # its first beat too, even if the activation datagram never arrived.
+            for other in pair.rows.values():
+                if other is not row and other.last_change is None and not other.installed:
+                    other.installed = True
+                    self.touch(other, now)
         if pair is not None and (after != before or len(pair.rows) > 1):
             pair.rejudge()  # with two paths, which one is ahead can change the verdict
         if row.quiet_until < row.timer:
