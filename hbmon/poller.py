@@ -27,7 +27,7 @@ from hbmon.clock import Clock
 from hbmon.config import SiteConfig, Timing, WatchGlobConfig
 from hbmon.errors import RecordError, VolumeError
 from hbmon.record import Record, decode
-from hbmon.status import StatusTable
+from hbmon.status import PathRow, StatusTable
 from hbmon.volume import Volume, open_volume, read_slot
 from hbmon.workers import WorkerPool
 
@@ -46,6 +46,7 @@ class Target:
     slot: int
     period: float
     read_timeout: float
+    row: PathRow | None = None  # its row in the status table
     volume: Volume | None = None  # kept open between polls; touched only by its worker
     inflight: bool = False
     submitted: float = 0.0
@@ -159,8 +160,10 @@ class Poller:
             return
         if existing is not None:
             existing.period, existing.read_timeout = timing.interval, timing.read_timeout
+            existing.row = self.table.row(pair, "volume")
             return
         target = Target(pair, path, slot, timing.interval, timing.read_timeout)
+        target.row = self.table.row(pair, "volume")
         self.targets[pair] = target
         # Spread first polls over one period so 10,000 volumes do not all fall due at once.
         phase = (zlib.crc32(pair.encode()) % 1000) / 1000 * timing.interval
@@ -296,8 +299,8 @@ class Poller:
             _forget(target)
             return
         target.hung = False
-        row = self.table.row(target.pair, "volume")
-        if row is None:
+        row = target.row
+        if row is None or row.timer < 0:  # the pair was removed meanwhile
             return
         now = self.clock.monotonic()
         self.table.read_duration.observe(out.duration)

@@ -279,6 +279,14 @@ class PathRow:
 
     def evaluate(self, now: float) -> str:
         """Bring ``state`` and the missed-beat counter up to ``now``; returns the state."""
+        if (
+            self.last_change == now
+            and self.problem is None
+            and self.trusted
+            and self.record_state is State.ACTIVE
+        ):
+            self.state = "alive"  # the hot path: a beat has just been seen
+            return "alive"
         raw = self.raw_state(now)
         if raw in ("alive", "late", "stale"):
             gap = self.missed(now)
@@ -306,6 +314,8 @@ class PathRow:
         if self.problem is not None or self.record_state in _FINAL:
             return math.inf
         t = self.timing
+        if self.last_change == now:  # the hot path: the next beat is due one interval on
+            return now + min(self.poll_period + t.interval, t.miss_threshold * t.interval)
         if self.last_change is None:
             if self.serial == 0 or self.installed:
                 return math.inf

@@ -57,6 +57,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_AHEAD_MATTERS = frozenset({"degraded", "network_partition", "link_down"})
+
 
 @dataclass(slots=True)
 class Pair:
@@ -247,8 +249,8 @@ class StatusTable:
                 if other is not row and other.last_change is None and not other.installed:
                     other.installed = True
                     self.touch(other, now)
-        if pair is not None and (after != before or len(pair.rows) > 1):
-            pair.rejudge()  # with two paths, which one is ahead can change the verdict
+        if pair is not None and (after != before or pair.verdict in _AHEAD_MATTERS):
+            pair.rejudge()  # in a mixed state, which path is ahead can change the verdict
         if row.quiet_until < row.timer:
             self._push(row.quiet_until, row)
 
