@@ -31,7 +31,7 @@ import bisect
 import heapq
 import logging
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import anyio
@@ -181,6 +181,7 @@ class StatusTable:
         self.writers: dict[str, WriterStats] = {}
         self.read_duration = Histogram()
         self.poll_lag = 0.0
+        self.lag_samples: deque[float] = deque(maxlen=4096)  # recent tick lags, seconds
         self.workers_stuck = 0
         self.io_backend = "threads"
         self.net_rejected: Counter[str] = Counter()
@@ -301,6 +302,16 @@ class StatusTable:
         for pair in self.pairs.values():
             pair.judge(now)
         return now
+
+    def lag_quantile(self, q: float) -> float:
+        """A quantile of the recent poll-scheduler lags (0 when nothing was polled yet)."""
+        samples = sorted(self.lag_samples)
+        return samples[min(len(samples) - 1, int(q * len(samples)))] if samples else 0.0
+
+    def polled(self) -> tuple[int, int]:
+        """(volume rows read at least once, volume rows): start-up progress."""
+        rows = [p.rows["volume"] for p in self.pairs.values() if "volume" in p.rows]
+        return sum(1 for r in rows if r.last_read is not None), len(rows)
 
     def snapshot(self) -> list[dict[str, object]]:
         """Every row as plain data, worst first (for /status.json and the CLI)."""
