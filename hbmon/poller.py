@@ -52,6 +52,7 @@ class Target:
     submitted: float = 0.0
     hung: bool = False
     active: bool = True
+    seen: bool = False  # read at least once
 
 
 @dataclass(slots=True)
@@ -120,6 +121,8 @@ class Poller:
             read_target, self._deliver, clock=clock, threads=threads
         )
         self.globs: tuple[WatchGlobConfig, ...] = ()
+        self.started = clock.monotonic()
+        self._unseen = 0  # targets not read yet since start (start-up progress)
 
     # -- what to watch ------------------------------------------------------------
 
@@ -165,6 +168,7 @@ class Poller:
         target = Target(pair, path, slot, timing.interval, timing.read_timeout)
         target.row = self.table.row(pair, "volume")
         self.targets[pair] = target
+        self._unseen += 1
         # Spread first polls over one period so 10,000 volumes do not all fall due at once.
         phase = (zlib.crc32(pair.encode()) % 1000) / 1000 * timing.interval
         self._push(self.clock.monotonic() + phase, target)
@@ -177,6 +181,8 @@ class Poller:
         target = self.targets.pop(pair, None)
         if target is not None:
             target.active = False
+            if not target.seen:
+                self._unseen -= 1
             if not target.inflight:
                 _forget(target)
 
@@ -300,6 +306,15 @@ class Poller:
             _forget(target)
             return
         target.hung = False
+        if not target.seen:
+            target.seen = True
+            self._unseen -= 1
+            if not self._unseen:
+                log.info(
+                    "all %d watched volume(s) read %.2f s after start",
+                    len(self.targets),
+                    self.clock.monotonic() - self.started,
+                )
         row = target.row
         if row is None or row.timer < 0:  # the pair was removed meanwhile
             return
