@@ -39,6 +39,7 @@ KINDS = {BEAT: "beat", ACTIVATE: "activate", RETIRE: "retire"}
 MAC_SIZE = 32
 DATAGRAM_SIZE = len(MAGIC) + 1 + RECORD_SIZE + MAC_SIZE
 MIN_KEY_BYTES = 16
+RECEIVE_BUFFER = 4 << 20
 REJECT_REASONS = ("malformed", "bad_mac", "replay", "unknown_pair", "out_of_window")
 
 
@@ -155,6 +156,11 @@ class NetListener:
         async with await anyio.create_udp_socket(
             family=socket.AF_INET, local_host=self.host, local_port=self.port
         ) as sock:
+            raw = sock.extra(anyio.abc.SocketAttribute.raw_socket)
+            # Thousands of pairs beat within each interval: a small default receive
+            # buffer drops datagrams while the loop is busy.  The kernel caps this at
+            # net.core.rmem_max.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             port = sock.extra(anyio.abc.SocketAttribute.local_port)
             log.info("network beats on udp %s:%d", self.host, port)
             task_status.started(port)

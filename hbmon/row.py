@@ -83,6 +83,8 @@ class PathRow:
     note: str = ""
     quiet_until: float = 0.0  # no change of state or missed count before this (see next_change)
     timer: float = math.inf  # when this row's entry in the table's timer heap falls due
+    fresh_since: float | None = None  # when the current run of beats began
+    resumed: bool = False  # beats again after a stale silence (undead if the pair agrees)
     installed: bool = False  # announced or install record seen: await the first beat
     undead: bool = False  # the writer resumed, same incarnation, after being declared stale
     slowest_read: float = 0.0  # decaying maximum of read latency, for timing checks
@@ -136,10 +138,9 @@ class PathRow:
                 and not self.undead
                 and rec.state is State.ACTIVE
             ):
-                # Same incarnation after we declared it dead: a frozen host resumed,
-                # perhaps after its pair failed over.  It is a beat, and it is flagged.
-                self.undead = True
-                self.errors["undead_writer"] += 1
+                # Same incarnation after a stale silence: a frozen host that resumed, or
+                # only this path coming back.  The table asks the other path which.
+                self.resumed = True
             self._beat(rec, now, wall)
             return "beat"
         if rec.serial < (self.serial or 0):
@@ -228,6 +229,13 @@ class PathRow:
         self.record_state = rec.state
 
     def _beat(self, rec: Record, now: float, wall: float) -> None:
+        t = self.timing
+        if (
+            self.last_change is None
+            or rec.incarnation != self.incarnation
+            or now - self.last_change >= t.miss_threshold * t.interval
+        ):
+            self.fresh_since = now  # a new run of beats
         self._take(rec)
         self.last_change = now
         self.skew = rec.writer_time - wall

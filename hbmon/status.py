@@ -78,12 +78,12 @@ class Pair:
         """Evaluate every path at ``now`` and derive the verdict (changes are logged)."""
         for row in self.rows.values():
             row.evaluate(now)
-        return self.rejudge()
+        return self.rejudge(now)
 
-    def rejudge(self) -> str:
+    def rejudge(self, now: float) -> str:
         """Derive the verdict from the paths' current states (changes are logged)."""
         before = self.verdict
-        self.verdict = verdict({p: r.state for p, r in self.rows.items()}, self.ahead())
+        self.verdict = verdict({p: r.state for p, r in self.rows.items()}, self.ahead(now))
         if self.verdict != before:
             note = self.verdict_note
             log.info(
@@ -95,19 +95,28 @@ class Pair:
             )
         return self.verdict
 
-    def ahead(self) -> set[str]:
-        """The path that has seen a newer beat than the other one (empty when neither)."""
+    def ahead(self, now: float) -> set[str]:
+        """The path that shows the host alive while the other one has had time to show
+        the same and did not: the evidence a partition or a broken link needs.
+
+        A path is ahead when its current run of beats began, and its newest beat came,
+        at least one poll period plus one interval after the other path's newest beat.
+        So a dying host (the network goes quiet a moment before the mirrored volume) is
+        not a partition, and a restarted host (its network beats come back a moment
+        before the volume shows them) is not a broken link.
+        """
         vol, net = self.rows.get("volume"), self.rows.get("network")
-        if vol is None or net is None or vol.serial is None or net.serial is None:
+        if vol is None or net is None:
             return set()
-        if vol.incarnation == net.incarnation:
-            if vol.serial == net.serial:
-                return set()
-            return {"volume"} if vol.serial > net.serial else {"network"}
-        # Different writers: the newer incarnation is the one seen most recently.
-        if vol.last_change is None or net.last_change is None:
-            return set()
-        return {"volume"} if vol.last_change > net.last_change else {"network"}
+        for path, this, other in (("volume", vol, net), ("network", net, vol)):
+            if this.last_change is None or this.fresh_since is None:
+                continue
+            slack = other.poll_period + other.timing.interval
+            if this.fresh_since + slack <= now and (
+                other.last_change is None or other.last_change + slack <= this.last_change
+            ):
+                return {path}
+        return set()
 
     @property
     def verdict_note(self) -> str:
@@ -243,6 +252,10 @@ class StatusTable:
         after = row.evaluate(now)
         row.quiet_until = row.next_change(now)
         pair = self.pairs.get(row.pair)
+        if row.resumed:
+            row.resumed = False
+            if pair is not None:
+                self._check_undead(pair, row, now)
         if pair is not None and row.last_change is None and (row.installed or row.serial == 0):
             # Installed (an install record, or an activation): the other path waits for
             # its first beat too, even if the activation datagram never arrived.
@@ -251,9 +264,37 @@ class StatusTable:
                     other.installed = True
                     self.touch(other, now)
         if pair is not None and (after != before or pair.verdict in _AHEAD_MATTERS):
-            pair.rejudge()  # in a mixed state, which path is ahead can change the verdict
+            pair.rejudge(now)  # in a mixed state, which path is ahead can change the verdict
         if row.quiet_until < row.timer:
             self._push(row.quiet_until, row)
+
+    @staticmethod
+    def _check_undead(pair: Pair, row: PathRow, now: float) -> None:
+        """A writer beats again, same incarnation, after a stale silence on ``row``.
+
+        If every other path was silent too, the whole host was (the pair was down and
+        may have failed over): a frozen host came back, and every path says so until a
+        new incarnation.  If another path kept beating, only this path was cut.
+        """
+        for other in pair.rows.values():
+            if other is row:
+                continue
+            t = other.timing
+            if other.last_change is not None and (
+                now - other.last_change < t.miss_threshold * t.interval
+                and (other.fresh_since or now) < now - t.interval  # not itself just resumed
+            ):
+                return
+        row.errors["undead_writer"] += 1
+        log.warning(
+            "pair %s: %s path: the same writer beats again after a stale silence on every "
+            "path (a frozen host resumed?)",
+            pair.id,
+            row.path,
+        )
+        for r in pair.rows.values():
+            if r.incarnation == row.incarnation:
+                r.undead = True
 
     def _push(self, when: float, row: PathRow) -> None:
         self._seq += 1
@@ -299,8 +340,10 @@ class StatusTable:
     def evaluate(self) -> float:
         """Bring every row up to now; returns the monotonic time used."""
         now = self.clock.monotonic()
-        for pair in self.pairs.values():
-            pair.judge(now)
+        for pair in list(self.pairs.values()):
+            for row in list(pair.rows.values()):
+                self.touch(row, now)
+            pair.rejudge(now)
         return now
 
     def lag_quantile(self, q: float) -> float:

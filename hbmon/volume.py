@@ -112,8 +112,13 @@ def read_slot(vol: Volume, slot: int) -> bytes:
         raise _error(vol.path, err) from None
 
 
-def write_slot(vol: Volume, slot: int, block: bytes) -> None:
-    """Write one block at the start of ``slot`` and make it durable."""
+def write_slot(vol: Volume, slot: int, block: bytes, *, sync: bool = True) -> None:
+    """Write one block at the start of ``slot`` and make it durable.
+
+    Block devices are written with O_DIRECT|O_DSYNC: durable when the call returns.  A
+    regular file is fdatasync'ed unless ``sync`` is false, for a caller that writes a
+    batch of slots and syncs each file once (see :func:`sync_files`).
+    """
     if not vol.writable:
         raise VolumeError(vol.path, "was opened read-only")
     if len(block) != vol.io_size:
@@ -126,11 +131,30 @@ def write_slot(vol: Volume, slot: int, block: bytes) -> None:
             n = os.pwritev(vol.fd, [vol.buffer], offset)
         else:
             n = os.pwrite(vol.fd, block, offset)
-            os.fdatasync(vol.fd)
+            if sync:
+                os.fdatasync(vol.fd)
     except OSError as err:
         raise _error(vol.path, err) from None
     if n != len(block):
         raise VolumeError(vol.path, f"short write at slot {slot}: {n} of {len(block)} bytes")
+
+
+def sync_files(volumes: list[Volume]) -> dict[int, VolumeError]:
+    """fdatasync each file once (volumes of one file share the sync); returns the
+    failures keyed by ``id(volume)`` for every volume of a file that failed."""
+    by_file: dict[tuple[int, int], list[Volume]] = {}
+    for vol in volumes:
+        if not vol.is_block and vol.fd >= 0:
+            st = os.fstat(vol.fd)
+            by_file.setdefault((st.st_dev, st.st_ino), []).append(vol)
+    failed: dict[int, VolumeError] = {}
+    for group in by_file.values():
+        try:
+            os.fdatasync(group[0].fd)
+        except OSError as err:
+            for vol in group:
+                failed[id(vol)] = _error(vol.path, err)
+    return failed
 
 
 def claim_slot(vol: Volume, slot: int, pair_id: str, *, force: bool = False) -> Record | None:

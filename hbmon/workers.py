@@ -25,16 +25,35 @@ from hbmon.clock import Clock
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 Deliver = Callable[[Item, Result], None]
+Finish = Callable[[list[tuple[Item, Result]]], None]
 
 
 class _Batch(Generic[Item, Result]):
     """Jobs one thread runs in order; ``stop`` lets the loop take back the tail."""
 
-    __slots__ = ("clock", "done", "fn", "items", "lock", "pos", "results", "started", "stop")
+    __slots__ = (
+        "clock",
+        "done",
+        "finish",
+        "fn",
+        "items",
+        "lock",
+        "pos",
+        "results",
+        "started",
+        "stop",
+    )
 
-    def __init__(self, items: Sequence[Item], fn: Callable[[Item], Result], clock: Clock) -> None:
+    def __init__(
+        self,
+        items: Sequence[Item],
+        fn: Callable[[Item], Result],
+        clock: Clock,
+        finish: Finish[Item, Result] | None = None,
+    ) -> None:
         self.items = items
         self.fn = fn
+        self.finish = finish
         self.clock = clock
         self.lock = threading.Lock()
         self.results: list[tuple[Item, Result]] = []
@@ -45,15 +64,26 @@ class _Batch(Generic[Item, Result]):
 
     def run(self) -> None:  # on a worker thread
         lock, fn, items, clock = self.lock, self.fn, self.items, self.clock
-        for i, item in enumerate(items):
-            with lock:
-                if i >= self.stop:
-                    return
-                self.pos, self.started = i, clock.monotonic()
-            result = fn(item)
-            with lock:
-                self.results.append((item, result))
-                self.pos = -1
+        done: list[tuple[Item, Result]] = []
+        try:
+            for i, item in enumerate(items):
+                with lock:
+                    if i >= self.stop:
+                        return
+                    self.pos, self.started = i, clock.monotonic()
+                result = fn(item)
+                done.append((item, result))
+                if self.finish is None:
+                    with lock:
+                        self.results.append((item, result))
+                        self.pos = -1
+        finally:
+            if self.finish is not None:
+                # Results are handed over only once the batch is finished (made durable).
+                self.finish(done)
+                with lock:
+                    self.results.extend(done)
+                    self.pos = -1
 
     def take(self) -> list[tuple[Item, Result]]:
         with self.lock:
@@ -72,8 +102,10 @@ class WorkerPool(Generic[Item, Result]):
         clock: Clock,
         threads: int = 8,
         stall_after: float = 0.2,
+        finish: Finish[Item, Result] | None = None,
     ) -> None:
         self.fn = fn
+        self.finish = finish
         self.deliver = deliver
         self.clock = clock
         self.limiter = anyio.CapacityLimiter(threads)
@@ -83,7 +115,7 @@ class WorkerPool(Generic[Item, Result]):
     async def run(self, items: Sequence[Item]) -> None:
         """Run ``items`` and deliver each result; stalled ones are detached, not awaited."""
         while items:
-            batch = _Batch(items, self.fn, self.clock)
+            batch = _Batch(items, self.fn, self.clock, self.finish)
             stalled = await self._run_batch(batch)
             for item, result in batch.take():
                 self.deliver(item, result)
