@@ -285,7 +285,6 @@ class StatusTable:
                 and (other.fresh_since or now) < now - t.interval  # not itself just resumed
             ):
                 return
-        row.errors["undead_writer"] += 1
         log.warning(
             "pair %s: %s path: the same writer beats again after a stale silence on every "
             "path (a frozen host resumed?)",
@@ -293,8 +292,9 @@ class StatusTable:
             row.path,
         )
         for r in pair.rows.values():
-            if r.incarnation == row.incarnation:
+            if r.incarnation == row.incarnation and not r.undead:
                 r.undead = True
+                r.errors["undead_writer"] += 1
 
     def _push(self, when: float, row: PathRow) -> None:
         self._seq += 1

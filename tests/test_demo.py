@@ -710,7 +710,8 @@ def test_a_healed_path_is_not_an_undead_writer(
         hold(demo, 2 * INTERVAL, watch)  # a few more beats through the hysteresis
         row = watch.views[demo.watcher(pair)].row(pair, path)
         print(f"\n[demo] {fault} {pair} then heal -> alive in {took:.2f} s; undead={row['undead']}")
-        assert watch.seen[pair] >= {verdict, "alive"}
+        # (the fault's own verdict was checked above; healing may leave it at once)
+        assert "alive" in watch.seen[pair]
         assert "host_down" not in watch.seen[pair]
         assert row["undead"] is False, f"{pair} {path} flagged undead after {fault}: {row['note']}"
     finally:
