@@ -150,7 +150,9 @@ class FailoverGuard:
         """A firing HbmonHostDown notification: decide, journal, and start the command."""
         decision = self.decide(pair_id)
         if not decision.act:
-            self.counts[(pair_id, "refused")] += 1
+            # A name from the request that is not a watched pair gets no series of its own.
+            counted = pair_id if pair_id in self.table.pairs else "(unknown)"
+            self.counts[(counted, "refused")] += 1
             await self._journal({"event": "refused", **decision.as_dict()})
             log.warning("failover of %s refused: %s", pair_id, decision.reason)
             return decision
@@ -168,7 +170,11 @@ class FailoverGuard:
     async def _execute(self, decision: Decision) -> None:
         pair = decision.pair
         started = self.clock.monotonic()
-        entry: dict[str, Any] = {"pair": pair, "command": list(decision.command)}
+        entry: dict[str, Any] = {
+            "pair": pair,
+            "command": list(decision.command),
+            "reason": decision.reason,
+        }
         try:
             with anyio.fail_after(self.timeout):
                 code, output = await run_command(decision.command)
