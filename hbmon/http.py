@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import json
 import logging
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from hbmon.status import StatusTable
 log = logging.getLogger(__name__)
 
 HEALTHY_TICK = 5.0  # seconds without a poll-loop tick before /healthz says 503
+STATUS_CACHE = 0.25  # seconds a /status.json document is shared between requests
 
 #: The status page fetches only ``status.json`` from its own origin; inline CSS and JS,
 #: nothing from anywhere else (the browser enforces it).
@@ -57,6 +59,7 @@ class HttpApi:
         self.registry = registry  # site-wide families; the pairs are rendered by Renderer
         self.renderer = Renderer(table, registry)
         self.render_limiter = anyio.CapacityLimiter(1)
+        self._cached: tuple[float, bytes] | None = None
         self.extra_routes: list[web.RouteDef] = []  # e.g. the demo's /lab endpoints
         self.page = status_page()  # read once: a missing file fails at start, not per request
 
@@ -88,7 +91,13 @@ class HttpApi:
         )
 
     async def status_json(self, request: web.Request) -> web.Response:
-        return web.json_response(self.status_document())
+        # Every open status page asks once a second; at thousands of pairs the document
+        # costs tens of milliseconds of loop time, so pages share one copy for a moment.
+        now = self.table.clock.monotonic()
+        if self._cached is None or now - self._cached[0] > STATUS_CACHE:
+            body = json.dumps(self.status_document()).encode()
+            self._cached = (now, body)
+        return web.Response(body=self._cached[1], content_type="application/json")
 
     def status_document(self) -> dict[str, Any]:
         table = self.table
@@ -102,6 +111,8 @@ class HttpApi:
             "generated_at": time.time(),
             "uptime": round(table.clock.monotonic() - table.started, 3),
             "poll_lag": table.poll_lag,
+            "poll_lag_p99": table.lag_quantile(0.99),
+            "polled": list(table.polled()),
             "workers_stuck": table.workers_stuck,
             "states": counts,
             "rows": rows,

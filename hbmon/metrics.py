@@ -19,6 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from hbmon import __version__
+from hbmon.failover import RESULTS
 from hbmon.netbeat import REJECT_REASONS
 from hbmon.status import STATES, StatusTable
 from hbmon.verdict import VERDICTS
@@ -190,7 +191,12 @@ class SiteCollector(Collector):
             "Failover decisions on Alertmanager notifications, by result",
             labels=["pair", "result"],
         )
-        for (pair_id, result), count in sorted(table.failovers.items()):
+        counts = dict(table.failovers)
+        for pair in table.pairs.values():  # zeros first, so increase() sees the first one
+            if pair.failover:
+                for result in RESULTS:
+                    counts.setdefault((pair.id, result), 0)
+        for (pair_id, result), count in sorted(counts.items()):
             failovers.add_metric([pair_id, result], count)
         yield failovers
         yield written

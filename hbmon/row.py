@@ -44,6 +44,7 @@ SEVERITY = {s: i for i, s in enumerate(_WORST_FIRST)}
 _PROBLEM_STATES = frozenset({"invalid", "io_error", "io_hung"})
 _KEEP_INCARNATIONS = 8
 _FINAL = (State.RETIRED, State.STOPPING)
+_NOT_EXPECTING = frozenset({"awaiting", "stopped", "retired"})
 
 
 @dataclass(slots=True)
@@ -201,6 +202,34 @@ class PathRow:
                 )
         return "; ".join(notes)
 
+    def observe_next_beat(self, rec: Record, now: float, wall: float) -> bool:
+        """The hot path: the next beat of a healthy row.  Returns False, changing nothing,
+        when ``rec`` is anything else (then :meth:`observe_record` decides)."""
+        if (
+            self.state != "alive"
+            or self.problem is not None
+            or rec.incarnation != self.incarnation
+            or rec.serial <= (self.serial or 0)
+            or rec.state is not State.ACTIVE
+            or self.record_state is not State.ACTIVE
+            or not self.trusted
+        ):
+            return False
+        self.serial, self.writer_time, self.declared_interval = (
+            rec.serial,
+            rec.writer_time,
+            rec.interval,
+        )
+        self.last_change = self.last_read = now
+        self.skew = rec.writer_time - wall
+        self.beats_seen += 1
+        self.gap_missed = 0
+        if self.note:
+            self.note = ""
+        t = self.timing
+        self.quiet_until = now + min(self.poll_period + t.interval, t.miss_threshold * t.interval)
+        return True
+
     def observe_zeroed(self, now: float) -> None:
         """An all-zero slot: not yet claimed if we never saw a record, else wiped."""
         self.last_read = now
@@ -296,7 +325,7 @@ class PathRow:
             self.state = "alive"  # the hot path: a beat has just been seen
             return "alive"
         raw = self.raw_state(now)
-        if raw in ("alive", "late", "stale"):
+        if raw not in _NOT_EXPECTING:  # a beat that did not come is missed, whatever else
             gap = self.missed(now)
             if gap > self.gap_missed:
                 self.missed_total += gap - self.gap_missed

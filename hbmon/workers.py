@@ -29,7 +29,12 @@ Finish = Callable[[list[tuple[Item, Result]]], None]
 
 
 class _Batch(Generic[Item, Result]):
-    """Jobs one thread runs in order; ``stop`` lets the loop take back the tail."""
+    """Jobs one thread runs in order; ``stop`` lets the loop take back the tail.
+
+    The thread and the loop share one lock, taken once per job: the thread checks
+    ``stop`` and marks the job it starts; the loop, to detach a stalled job, sets
+    ``stop`` under it.  Results go to an append-only list the loop reads up to its length.
+    """
 
     __slots__ = (
         "clock",
@@ -42,6 +47,7 @@ class _Batch(Generic[Item, Result]):
         "results",
         "started",
         "stop",
+        "taken",
     )
 
     def __init__(
@@ -57,37 +63,35 @@ class _Batch(Generic[Item, Result]):
         self.clock = clock
         self.lock = threading.Lock()
         self.results: list[tuple[Item, Result]] = []
+        self.taken = 0
         self.pos = -1  # index of the job running now, -1 between jobs
         self.started = 0.0  # monotonic start of the running job
         self.stop = len(items)
         self.done = anyio.Event()
 
     def run(self) -> None:  # on a worker thread
-        lock, fn, items, clock = self.lock, self.fn, self.items, self.clock
-        done: list[tuple[Item, Result]] = []
+        lock, fn, items, finish = self.lock, self.fn, self.items, self.finish
+        monotonic = self.clock.monotonic
+        out = [] if finish is not None else self.results
         try:
             for i, item in enumerate(items):
                 with lock:
                     if i >= self.stop:
                         return
-                    self.pos, self.started = i, clock.monotonic()
-                result = fn(item)
-                done.append((item, result))
-                if self.finish is None:
-                    with lock:
-                        self.results.append((item, result))
-                        self.pos = -1
+                    self.pos, self.started = i, monotonic()
+                out.append((item, fn(item)))
+                self.pos = -1
         finally:
-            if self.finish is not None:
+            if finish is not None:
                 # Results are handed over only once the batch is finished (made durable).
-                self.finish(done)
-                with lock:
-                    self.results.extend(done)
-                    self.pos = -1
+                finish(out)
+                self.results.extend(out)
+                self.pos = -1
 
     def take(self) -> list[tuple[Item, Result]]:
-        with self.lock:
-            out, self.results = self.results, []
+        end = len(self.results)
+        out = self.results[self.taken : end]
+        self.taken = end
         return out
 
 

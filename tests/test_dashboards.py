@@ -498,7 +498,9 @@ def expect_poll_lag(result: Result, pair: str | None) -> None:
 
 
 def expect_failovers(result: Result, pair: str | None) -> None:
-    assert values(result, "pair", "result") == {(KILLED, "executed"): 1, (CORRUPTED, "refused"): 1}
+    # every pair with a failover command exports zeros from the start; count the non-zero
+    got = {k: v for k, v in values(result, "pair", "result").items() if v}
+    assert got == {(KILLED, "executed"): 1, (CORRUPTED, "refused"): 1}
 
 
 def expect_sites(result: Result, pair: str | None) -> None:
@@ -531,7 +533,7 @@ def expect_writes(result: Result, pair: str | None) -> None:
 
 def expect_pair_failovers(result: Result, pair: str | None) -> None:
     want = {KILLED: "executed", CORRUPTED: "refused"}[str(pair)]
-    assert values(result, "result") == {want: 1}
+    assert {k: v for k, v in values(result, "result").items() if v} == {want: 1}
 
 
 def expect_ages(result: Result, pair: str | None) -> None:
