@@ -16,12 +16,13 @@ def main() -> None:
     fds = [os.open(p, os.O_WRONLY) for p in paths]
     names = [p.stem for p in paths]
     serial = 1
+    incarnation = int.from_bytes(os.urandom(8), "little") or 1  # a new writer per start
     next_round = time.monotonic()
     while True:
         serial += 1
         now = time.time()
         for fd, name in zip(fds, names, strict=True):
-            os.pwrite(fd, Record(name, 1, serial, now, 1.0).encode(), slot * SLOT_SIZE)
+            os.pwrite(fd, Record(name, incarnation, serial, now, 1.0).encode(), slot * SLOT_SIZE)
         next_round += interval
         time.sleep(max(0.0, next_round - time.monotonic()))
 
