@@ -165,8 +165,8 @@ class Demo:
             f"hbmon demo: sites {SITES[0]} and {SITES[1]} in this process, {self.opts.pairs} "
             f"pairs beating both ways, remote copy lag {self.opts.lag * 1000:.0f} ms",
             f"  files     {self.folder} ({kept})",
-            f"  {SITES[0]:<9} {url_a}/metrics   {url_a}/status.json",
-            f"  {SITES[1]:<9} {url_b}/metrics   {url_b}/status.json",
+            f"  {SITES[0]:<9} {url_a}/metrics   {url_a}/status (page)   {url_a}/status.json",
+            f"  {SITES[1]:<9} {url_b}/metrics   {url_b}/status (page)   {url_b}/status.json",
             f"  status    hbmon status --url {url_b}      (or --url {url_a})",
             f"  faults    hbmon lab kill-host {pair} | freeze-host {pair} | thaw-host {pair}",
             f"            hbmon lab cut-link [PAIR] | partition [PAIR] | corrupt {pair} | heal",
