@@ -10,10 +10,12 @@ cadence.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import heapq
 import logging
+import resource
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ class Target:
     hung: bool = False
     active: bool = True
     seen: bool = False  # read at least once
+    keep_open: bool = True  # False past the open-file budget: opened for each read
 
     def __post_init__(self) -> None:
         self.decoder = Decoder(self.pair)
@@ -98,7 +101,25 @@ def read_target(target: Target) -> ReadOutcome:
         _forget(target)  # reopen next time: the file may have been replaced
         kind = {"zeroed": "zeroed", "truncated": "io_error"}.get(err.reason, "invalid")
         return ReadOutcome(kind, None, err.reason, err.detail, duration)
+    if not target.keep_open:
+        _forget(target)
     return ReadOutcome("record", record, "", "", duration)
+
+
+def open_file_budget(reserve: int = 512) -> int:
+    """How many volumes may stay open between polls.
+
+    The soft open-file limit is raised to the hard one; ``reserve`` descriptors stay
+    free for HTTP, UDP, logs and the beater.  Volumes past the budget are still polled
+    on every interval, each opened for its read and closed after it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    return max(0, limit - reserve)
 
 
 def scan_globs(globs: tuple[WatchGlobConfig, ...]) -> list[dict[str, str]]:
@@ -127,6 +148,8 @@ class Poller:
         self.globs: tuple[WatchGlobConfig, ...] = ()
         self.started = clock.monotonic()
         self._unseen = 0  # targets not read yet since start (start-up progress)
+        self.open_budget = open_file_budget()
+        self._kept_open = 0
 
     # -- what to watch ------------------------------------------------------------
 
@@ -171,6 +194,8 @@ class Poller:
             return
         target = Target(pair, path, slot, timing.interval, timing.read_timeout)
         target.row = self.table.row(pair, "volume")
+        target.keep_open = self._kept_open < self.open_budget
+        self._kept_open += target.keep_open
         self.targets[pair] = target
         self._unseen += 1
         # Spread first polls over one period so 10,000 volumes do not all fall due at once.
@@ -187,6 +212,7 @@ class Poller:
             target.active = False
             if not target.seen:
                 self._unseen -= 1
+            self._kept_open -= target.keep_open
             if not target.inflight:
                 _forget(target)
 
