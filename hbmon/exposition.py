@@ -9,12 +9,20 @@ prometheus-client through :func:`hbmon.metrics.site_registry`.  The output is th
 Prometheus text format; tests check it parses to exactly what
 :class:`hbmon.metrics.PairCollector` produces, and ``promtool check metrics`` accepts it.
 
-:func:`render` only reads the table (it runs on a worker thread so a scrape never stalls
-the poll loop); the loop's timers keep every state current.
+:meth:`Renderer.render_async` only reads the table; it formats on the event loop in slices
+of ``CHUNK`` pairs so the poll loop runs between them; the loop's timers keep every state
+current.  After a large page the C heap is trimmed, so a 25 MB render every second does not
+leave its high-water mark in the process.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+from collections.abc import Callable, Generator
+
+import anyio
+import anyio.lowlevel
 from prometheus_client import CollectorRegistry, generate_latest
 
 from hbmon.metrics import PAIR_FAMILIES
@@ -82,6 +90,27 @@ class _PairText:
         return block
 
 
+CHUNK = 500  # pairs formatted between two pauses of render_async (a few milliseconds)
+TRIM_ABOVE = 4 << 20  # bytes of body after which the C heap is given back to the system
+
+
+def _malloc_trim() -> Callable[[], None]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        return lambda: None
+
+    def trim_now() -> None:
+        trim(0)
+
+    return trim_now
+
+
+trim_heap = _malloc_trim()
+Inputs = list[tuple[Pair, list[tuple[PathRow, "_RowText"]]]]
+
+
 class Renderer:
     """Renders ``/metrics`` for one table; keeps the ready-made text between scrapes."""
 
@@ -91,7 +120,7 @@ class Renderer:
         self._rows: dict[tuple[str, str], _RowText] = {}
         self._pairs: dict[str, _PairText] = {}
 
-    def inputs(self) -> list[tuple[Pair, list[tuple[PathRow, _RowText]]]]:
+    def inputs(self) -> Inputs:
         """A consistent list of what to render (call on the event loop: cheap)."""
         out = []
         rows, pairs = self._rows, self._pairs
@@ -111,8 +140,35 @@ class Renderer:
             self._pairs = {k: v for k, v in pairs.items() if k in {p.id for p, _ in out}}
         return out
 
-    def render(self, inputs: list[tuple[Pair, list[tuple[PathRow, _RowText]]]]) -> bytes:
-        """The whole page (may run on a worker thread: it only reads)."""
+    def render(self, inputs: Inputs) -> bytes:
+        """The whole page at once (it only reads the table)."""
+        steps = self.steps(inputs)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                body: bytes = done.value
+                return body
+
+    async def render_async(self, inputs: Inputs) -> bytes:
+        """The whole page, on the event loop, letting other tasks run every ``CHUNK`` pairs.
+
+        Formatting holds the GIL whichever thread does it; done here in slices of a few
+        milliseconds, the poll loop waits at most one slice instead of a whole render.
+        """
+        steps = self.steps(inputs)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                body: bytes = done.value
+                if len(body) > TRIM_ABOVE:
+                    trim_heap()
+                return body
+            await anyio.lowlevel.checkpoint()
+
+    def steps(self, inputs: Inputs) -> Generator[None, None, bytes]:
+        """Render, pausing (yielding) every ``CHUNK`` pairs; returns the body."""
         now = self.table.clock.monotonic()
         pairs_text = self._pairs
         age: list[str] = []
@@ -126,7 +182,9 @@ class Renderer:
         skew: list[str] = []
         errors: list[str] = []
         verdict: list[str] = []
-        for pair, items in inputs:
+        for count, (pair, items) in enumerate(inputs, 1):
+            if not count % CHUNK:
+                yield
             ptext = pairs_text.get(pair.id) or _PairText(pair.id)
             verdict.append(ptext.verdict_block(pair.verdict))
             skew_value: float | None = None

@@ -359,43 +359,49 @@ class StatusTable:
     def snapshot(self) -> list[dict[str, object]]:
         """Every row as plain data, worst first (for /status.json and the CLI)."""
         now = self.evaluate()
-        out: list[dict[str, object]] = []
-        for pair in self.pairs.values():
-            for row in pair.rows.values():
-                age = row.age(now)
-                out.append(
-                    {
-                        "pair": row.pair,
-                        "path": row.path,
-                        "method": pair.method,
-                        "verdict": pair.verdict,
-                        "verdict_note": pair.verdict_note,
-                        "state": row.state,
-                        "up": row.up,
-                        "serial": row.serial,
-                        "incarnation": _hex(row.incarnation),
-                        "writer_time": row.writer_time,
-                        "age": None if age is None else round(age, 3),
-                        "missed": row.missed(now),
-                        "missed_total": row.missed_total,
-                        "interval": row.timing.interval,
-                        "declared_interval": row.declared_interval,
-                        "miss_threshold": row.timing.miss_threshold,
-                        "clock_skew": None if row.skew is None else round(row.skew, 3),
-                        "reason": row.reason,
-                        "detail": row.detail,
-                        "note": "; ".join(n for n in (row.note, row.undead_note) if n),
-                        "undead": row.undead,
-                        "warnings": row.timing_warnings(),
-                        "timing_note": row.timing_note(),
-                        "volume": pair.volume,
-                        "slot": pair.slot,
-                        "errors": dict(row.errors),
-                        "restarts": row.restarts,
-                    }
-                )
-        out.sort(key=lambda r: (SEVERITY[str(r["state"])], str(r["pair"]), str(r["path"])))
+        out = [
+            row_view(pair, row, now) for pair in self.pairs.values() for row in pair.rows.values()
+        ]
+        out.sort(key=worst_first)
         return out
+
+
+def row_view(pair: Pair, row: PathRow, now: float) -> dict[str, object]:
+    """One row of the status table as plain data (``/status.json``, ``hbmon status``)."""
+    age = row.age(now)
+    return {
+        "pair": row.pair,
+        "path": row.path,
+        "method": pair.method,
+        "verdict": pair.verdict,
+        "verdict_note": pair.verdict_note,
+        "state": row.state,
+        "up": row.up,
+        "serial": row.serial,
+        "incarnation": _hex(row.incarnation),
+        "writer_time": row.writer_time,
+        "age": None if age is None else round(age, 3),
+        "missed": row.missed(now),
+        "missed_total": row.missed_total,
+        "interval": row.timing.interval,
+        "declared_interval": row.declared_interval,
+        "miss_threshold": row.timing.miss_threshold,
+        "clock_skew": None if row.skew is None else round(row.skew, 3),
+        "reason": row.reason,
+        "detail": row.detail,
+        "note": "; ".join(n for n in (row.note, row.undead_note) if n),
+        "undead": row.undead,
+        "warnings": row.timing_warnings(),
+        "timing_note": row.timing_note(),
+        "volume": pair.volume,
+        "slot": pair.slot,
+        "errors": dict(row.errors),
+        "restarts": row.restarts,
+    }
+
+
+def worst_first(view: dict[str, object]) -> tuple[int, str, str]:
+    return SEVERITY[str(view["state"])], str(view["pair"]), str(view["path"])
 
 
 def _hex(value: int | None) -> str | None:
