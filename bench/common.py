@@ -118,13 +118,13 @@ def loadavg() -> str:
 
 
 def fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
-    if value is None:
+    if value is None or math.isnan(value):
         return "n/a"
     return f"{value:.{digits}f}{unit}"
 
 
 def ratio_text(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}x"
+    return "n/a" if value is None or math.isnan(value) else f"{value:.1f}x"
 
 
 def report(target: int | str, what: str, hbmon: str, baseline: str, ratio: str, goal: str) -> None:
