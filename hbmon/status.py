@@ -237,6 +237,7 @@ class StatusTable:
         for path in list(pair.rows):
             if path not in wanted:
                 del pair.rows[path]
+        pair.rejudge(now)
         return pair
 
     def remove_pair(self, pair_id: str) -> None:
