@@ -48,18 +48,16 @@ def _sample(key: str) -> str:
 class _RowText:
     """Ready-made text of one row: its labels, its state blocks, its last lines."""
 
-    __slots__ = ("labels", "last", "missed", "serial", "states", "undead", "up")
+    __slots__ = ("labels", "missed", "states")
 
     def __init__(self, pair: str, path: str) -> None:
         self.labels = f'pair="{_escape(pair)}",path="{path}"'
-        self.states: dict[str, tuple[str, str]] = {}
-        # value -> line caches for values that change at most once per beat
-        self.serial: tuple[int, str] = (-1, "")
-        self.last: tuple[float, str] = (-1.0, "")
-        self.missed: tuple[int, str] = (-1, "")
+        self.states: dict[str, tuple[str, str, str, str]] = {}
+        self.missed: tuple[int, str] = (-1, "")  # changes rarely: kept with its value
 
-    def state_lines(self, state: str) -> tuple[str, str]:
-        """The nine 0/1 lines of ``hbmon_heartbeat_state`` and the ``up`` line."""
+    def state_lines(self, state: str) -> tuple[str, str, str, str]:
+        """The nine 0/1 lines of ``hbmon_heartbeat_state``, the ``up`` line, and the two
+        possible ``undead`` lines."""
         lines = self.states.get(state)
         if lines is None:
             name = _sample("state")
@@ -68,7 +66,8 @@ class _RowText:
                 for s in STATES
             )
             up = f"{{{self.labels}}} {'1.0' if state in FRESH else '0.0'}\n"
-            lines = self.states[state] = (block, up)
+            no, yes = f"{{{self.labels}}} 0.0\n", f"{{{self.labels}}} 1.0\n"
+            lines = self.states[state] = (block, up, no, yes)
         return lines
 
 
@@ -190,27 +189,28 @@ class Renderer:
             skew_value: float | None = None
             for row, text in items:
                 lb = text.labels
-                if row.last_change is not None:
-                    age.append(f"{{{lb}}} {max(0.0, now - row.last_change):.6f}\n")
+                lc = row.last_change
+                if lc is not None:
+                    age.append(f"{{{lb}}} {now - lc if now > lc else 0.0:.6f}\n")
                 wt = row.writer_time
                 if wt is not None:
-                    if text.last[0] != wt:
-                        text.last = (wt, f"{{{lb}}} {wt!r}\n")
-                    last.append(text.last[1])
+                    last.append(f"{{{lb}}} {wt!r}\n")
                 sn = row.serial
                 if sn is not None:
-                    if text.serial[0] != sn:
-                        text.serial = (sn, f"{{{lb}}} {sn}.0\n")
-                    serial.append(text.serial[1])
+                    serial.append(f"{{{lb}}} {sn}.0\n")
                 mt = row.missed_total
                 if text.missed[0] != mt:
                     text.missed = (mt, f"{{{lb}}} {mt}.0\n")
                 missed.append(text.missed[1])
-                block, up_line = text.state_lines(row.state)
-                state.append(block)
-                up.append(up_line)
-                undead.append(f"{{{lb}}} {'1.0' if row.undead else '0.0'}\n")
-                if row.slowest_read or row.declared_interval != row.timing.interval:
+                fixed = text.states.get(row.state) or text.state_lines(row.state)
+                state.append(fixed[0])
+                up.append(fixed[1])
+                undead.append(fixed[3] if row.undead else fixed[2])
+                t = row.timing
+                if (
+                    row.slowest_read >= (t.miss_threshold - 1) * t.interval
+                    or row.declared_interval not in (None, t.interval)
+                ):
                     for w in row.timing_warnings():
                         warning.append(f'{{{lb},warning="{w}"}} 1.0\n')
                 if row.skew is not None and (skew_value is None or row.path == "volume"):
