@@ -222,19 +222,30 @@ class Poller:
             fnmatch.fnmatch(target.path, g.pattern) for g in self.globs
         )
 
-    async def rescan(self) -> None:
-        """Expand the ``[[watch_glob]]`` patterns (on a thread) and watch what they match."""
+    async def rescan(self, *, refresh: bool = False) -> None:
+        """Expand the ``[[watch_glob]]`` patterns (on a thread) and watch what they match.
+
+        Volumes already watched are left alone unless ``refresh`` (after a reload, when
+        their settings may have changed): a rescan of 10,000 volumes must not hold the
+        poll loop.
+        """
         globs = self.globs
         found = await anyio.to_thread.run_sync(scan_globs, globs)
-        self.apply_scan(globs, found)
+        self.apply_scan(globs, found, refresh=refresh)
 
-    def apply_scan(self, globs: tuple[WatchGlobConfig, ...], found: list[dict[str, str]]) -> None:
+    def apply_scan(
+        self,
+        globs: tuple[WatchGlobConfig, ...],
+        found: list[dict[str, str]],
+        *,
+        refresh: bool = True,
+    ) -> None:
         for g, matches in zip(globs, found, strict=True):
             for pair, path in matches.items():
                 current = self.targets.get(pair)
                 if current is None and pair in self.table.pairs:
                     continue  # an explicit [[watch]] of the same id wins
-                if current is None or current.path == path:
+                if current is None or (refresh and current.path == path):
                     self.watch(
                         pair,
                         path,

@@ -120,7 +120,7 @@ class Site:
         The network key and the HTTP and UDP listen addresses are taken at start only.
         """
         self.poller.configure(config)
-        await self.poller.rescan()
+        await self.poller.rescan(refresh=True)
         explicit = {w.id for w in config.watches}
         for pair in list(self.table.pairs):
             if pair not in explicit and not self.poller.matches_glob(pair):
