@@ -44,8 +44,9 @@ async def test_volumes_past_the_open_file_budget_are_polled(tmp_path: Path) -> N
         row = table.row(target.pair, "volume")
         assert row is not None
         assert row.serial is not None
-        assert row.serial >= 9, (target.pair, row.serial)
-        assert row.beats_seen >= 6, (target.pair, row.beats_seen)
+        # polled all along: it saw recent serials, and more than one change of them
+        assert row.serial >= 8, (target.pair, row.serial)
+        assert row.beats_seen >= 3, (target.pair, row.beats_seen)
         assert (target.volume is not None) == target.keep_open  # the others are closed
 
 
