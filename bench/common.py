@@ -255,8 +255,31 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def machine_line() -> str:
     return (
         f"machine: {os.cpu_count()} CPUs, load average {loadavg()}, "
-        f"python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        f"python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M:%S')}; "
+        f"hbmon {hbmon_version()}"
     )
+
+
+def hbmon_version() -> str:
+    """The commit of the hbmon being measured, and whether hbmon/ differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "hbmon"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "(version unknown: no git)"
+    if not head:
+        return "(version unknown: not a git checkout)"
+    return f"commit {head}" + (" + uncommitted changes in hbmon/" if dirty else "")
 
 
 def exit_on_sigterm() -> None:
