@@ -207,10 +207,9 @@ class Renderer:
                 up.append(fixed[1])
                 undead.append(fixed[3] if row.undead else fixed[2])
                 t = row.timing
-                if (
-                    row.slowest_read >= (t.miss_threshold - 1) * t.interval
-                    or row.declared_interval not in (None, t.interval)
-                ):
+                if row.slowest_read >= (
+                    t.miss_threshold - 1
+                ) * t.interval or row.declared_interval not in (None, t.interval):
                     for w in row.timing_warnings():
                         warning.append(f'{{{lb},warning="{w}"}} 1.0\n')
                 if row.skew is not None and (skew_value is None or row.path == "volume"):

@@ -335,11 +335,8 @@ class Poller:
         if row is None:
             return
         waited = now - target.submitted
-        before = row.state
         row.observe_problem("io_hung", "io_hung", f"read has not returned for {waited:.1f} s", now)
         self.table.touch(row, now)
-        self._log_change(target, before, row.state, row.detail)
-        self.table.pairs[target.pair].judge(now)
 
     def _deliver(self, target: Target, out: ReadOutcome) -> None:
         target.inflight = False
@@ -370,7 +367,6 @@ class Poller:
         now = self.clock.monotonic()
         self.table.read_duration.observe(out.duration)
         row.observe_latency(out.duration)
-        before = row.state
         if out.record is not None:
             seen = row.observe_record(out.record, now, self.clock.wall())
             if seen in ("regression", "undead"):
@@ -380,14 +376,4 @@ class Poller:
         else:
             state = "invalid" if out.kind == "invalid" else "io_error"
             row.observe_problem(state, out.reason, out.detail, now)
-        self.table.touch(row, now)
-        if row.state != before:
-            self._log_change(target, before, row.state, row.detail)
-
-    @staticmethod
-    def _log_change(target: Target, before: str, after: str, detail: str) -> None:
-        if before != after:
-            extra = f" ({detail})" if detail and after != "alive" else ""
-            log.info(
-                "pair %s volume %s: %s -> %s%s", target.pair, target.path, before, after, extra
-            )
+        self.table.touch(row, now)  # logs a change of state

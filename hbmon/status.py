@@ -58,6 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _AHEAD_MATTERS = frozenset({"degraded", "network_partition", "link_down"})
+POLL_JITTER = 0.1  # seconds a volume read may land off its period (see poller.COALESCE)
 
 
 @dataclass(slots=True)
@@ -225,8 +226,12 @@ class StatusTable:
         wanted = PATHS if method == "both" else (method,)
         for path in wanted:
             row = pair.rows.get(path)
-            # Network beats arrive when sent, not when polled: half an interval of slack.
-            period = timing.interval if path == "volume" else timing.interval / 2
+            # How late a healthy beat may be seen: a volume is read once a period, give or
+            # take the scheduler's coalescing (reads run up to 50 ms early or late); network
+            # beats arrive when sent, with half an interval of slack.
+            period = timing.interval / 2
+            if path == "volume":
+                period = timing.interval + min(POLL_JITTER, timing.interval / 2)
             if row is None:
                 row = pair.rows[path] = PathRow(
                     pair_id, path, timing, created=now, poll_period=period
@@ -253,6 +258,12 @@ class StatusTable:
         after = row.evaluate(now)
         row.quiet_until = row.next_change(now)
         pair = self.pairs.get(row.pair)
+        if after != before:
+            where = (
+                f"volume {pair.volume}" if pair is not None and row.path == "volume" else row.path
+            )
+            extra = f" ({row.detail})" if row.detail and after != "alive" else ""
+            log.info("pair %s %s: %s -> %s%s", row.pair, where, before, after, extra)
         if row.resumed:
             row.resumed = False
             if pair is not None:

@@ -16,7 +16,7 @@ import pytest
 from hbmon.clock import FakeClock
 from hbmon.config import Timing
 from hbmon.record import Record, State
-from hbmon.status import FAILED, FRESH, PATHS, SEVERITY, STATES, PathRow, StatusTable
+from hbmon.status import FAILED, FRESH, PATHS, POLL_JITTER, SEVERITY, STATES, PathRow, StatusTable
 
 TIMING = Timing(interval=1, miss_threshold=3, recover_beats=2)
 INC_A = 0xA11CE
@@ -592,8 +592,9 @@ def test_add_pair_creates_the_rows_of_its_method(
         assert row.state == "awaiting"
     assert len(table.rows()) == len(paths)
     assert set(PATHS) >= paths
-    # The volume is polled once per interval; network beats arrive when sent.
-    poll = {"volume": TIMING.interval, "network": TIMING.interval / 2}
+    # The volume is polled once per interval, give or take the scheduler's coalescing;
+    # network beats arrive when sent.
+    poll = {"volume": TIMING.interval + POLL_JITTER, "network": TIMING.interval / 2}
     for path in paths:
         row = table.row("db1", path)
         assert row is not None
@@ -616,7 +617,7 @@ def test_add_pair_again_keeps_row_state(table: StatusTable, clock: FakeClock) ->
     assert table.row("db1", "volume") is row
     assert (row.serial, row.state, row.beats_seen, row.created) == (2, "alive", 1, created)
     assert row.timing == slower
-    assert row.poll_period == slower.interval
+    assert row.poll_period == slower.interval + POLL_JITTER
     assert pair.failover == ("/sbin/promote",)
 
     # Narrowing the method drops the other path's row, keeps this one.
@@ -674,7 +675,9 @@ def _make_states(table: StatusTable, clock: FakeClock) -> None:
     tick()  # t = 2
     tick("a-alive", "b-late", "f-inv", "g-hung")  # t = 3: c-stale late
     tick("a-alive")  # t = 4: c-stale stale
-    tick("a-alive")  # t = 5: b-late late
+    tick("a-alive")  # t = 5
+    clock.advance(POLL_JITTER + 0.1)  # b-late: one beat missed beyond the poll jitter: late
+    table.evaluate()
     now = clock.monotonic()
     row = table.row("f-inv", "volume")
     assert row is not None
@@ -725,14 +728,14 @@ def test_snapshot_is_json_serialisable(table: StatusTable, clock: FakeClock) -> 
     assert alive["method"] == "volume"
     assert alive["volume"] == "/srv/hb/a-alive.vol"
     assert alive["serial"] == 5
-    assert alive["age"] == 0
+    assert alive["age"] == pytest.approx(POLL_JITTER + 0.1)
     assert alive["missed"] == 0
     assert alive["interval"] == 1
     assert alive["miss_threshold"] == 3
     assert alive["declared_interval"] == 1.0
     stale = next(r for r in back if r["pair"] == "c-stale")
     assert stale["up"] is False
-    assert stale["age"] == 4
+    assert stale["age"] == pytest.approx(4 + POLL_JITTER + 0.1)
     assert stale["missed"] == 3
     assert stale["missed_total"] == 3
     late = next(r for r in back if r["pair"] == "b-late")
