@@ -53,33 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     vol = sub.add_parser("volume", help="install, inspect and retire heartbeat volumes")
     vsub = vol.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    init = vsub.add_parser("init", help="install a heartbeat volume (write the first record)")
-    init.add_argument("path")
-    init.add_argument("--timeout", type=float, default=10.0, help="I/O deadline in seconds")
-    init.add_argument(
-        "-c",
-        "--config",
-        help="site configuration: announce to the [[beat]]'s peers over the network",
-    )
+    init = _volume_command(vsub, "init", "install a heartbeat volume (write the first record)")
     init.add_argument("--id", required=True, help="pair identifier")
     init.add_argument("--slot", type=int, default=0)
     init.add_argument("--interval", default="1s", help="declared beat interval")
     init.add_argument("--force", action="store_true", help="overwrite foreign data in the slot")
-    show = vsub.add_parser("show", help="decode and validate the record(s) on a volume")
-    show.add_argument("path")
-    show.add_argument("--timeout", type=float, default=10.0, help="I/O deadline in seconds")
+    show = _volume_command(
+        vsub, "show", "decode and validate the record(s) on a volume", announce=False
+    )
     show.add_argument("--slot", type=int, help="only this slot (default: every non-zero slot)")
     show.add_argument("--id", help="expected pair identifier (identity check)")
     show.add_argument("--max-slots", type=int, default=1024, help="slots to scan (default 1024)")
     show.add_argument("--json", action="store_true")
-    retire = vsub.add_parser("retire", help="write a retired record (de-install)")
-    retire.add_argument("path")
-    retire.add_argument("--timeout", type=float, default=10.0, help="I/O deadline in seconds")
-    retire.add_argument(
-        "-c",
-        "--config",
-        help="site configuration: announce to the [[beat]]'s peers over the network",
-    )
+    retire = _volume_command(vsub, "retire", "write a retired record (de-install)")
     retire.add_argument("--id", required=True)
     retire.add_argument("--slot", type=int, default=0)
 
@@ -124,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     check = csub.add_parser("check", help="validate a configuration and exit")
     check.add_argument("config")
     return p
+
+
+def _volume_command(
+    sub: Any, name: str, text: str, *, announce: bool = True
+) -> argparse.ArgumentParser:
+    """A ``hbmon volume`` subcommand with the arguments they all take."""
+    cmd: argparse.ArgumentParser = sub.add_parser(name, help=text)
+    cmd.add_argument("path")
+    cmd.add_argument("--timeout", type=float, default=10.0, help="I/O deadline in seconds")
+    if announce:
+        cmd.add_argument(
+            "-c",
+            "--config",
+            help="site configuration: announce to the [[beat]]'s peers over the network",
+        )
+    return cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,6 +56,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    """A TCP port PORT on 127.0.0.1 such that PORT and PORT+1 were both free a moment ago
+    (``hbmon demo`` serves its two sites on PORT and PORT+1)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            if port >= 65535:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    pytest.fail("no two adjacent free TCP ports found")
+
+
 def http_get(url: str, timeout: float = HTTP_TIMEOUT) -> tuple[int, str]:
     """``(status, body)`` of a GET; HTTP error statuses are returned, not raised."""
     try:

@@ -21,7 +21,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 import pytest
 from conftest import need
-from helpers import free_port, http_get, metric_value, wait_for
+from helpers import free_port, free_port_pair, http_get, metric_value, wait_for
 
 pytestmark = [pytest.mark.tools, pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -108,21 +107,6 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
-def consecutive_free_ports() -> int:
-    """A port P such that P and P + 1 were both free on 127.0.0.1 a moment ago."""
-    for _ in range(50):
-        port = free_port()
-        if port >= 65535:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    pytest.fail("no two consecutive free TCP ports on 127.0.0.1")
-
-
 # -- the shipped configuration, rewritten for the test ---------------------------------------
 
 
@@ -150,11 +134,17 @@ def make_prometheus_config(folder: Path, targets: list[str], alertmanager: str) 
     text = sub_exactly(r"^(\s+scrape_interval:\s*)\S+", r"\g<1>1s", text, 1, "prometheus.yml")
     text = sub_exactly(r"^(\s+evaluation_interval:\s*)\S+", r"\g<1>1s", text, 1, "prometheus.yml")
     text = sub_exactly(
-        r'targets: \["127\.0\.0\.1:9093"\]', f"targets: {json.dumps([alertmanager])}", text, 1,
+        r'targets: \["127\.0\.0\.1:9093"\]',
+        f"targets: {json.dumps([alertmanager])}",
+        text,
+        1,
         "prometheus.yml alertmanager",
     )
     text = sub_exactly(
-        r'targets: \["127\.0\.0\.1:9799"\]', f"targets: {json.dumps(targets)}", text, 1,
+        r'targets: \["127\.0\.0\.1:9799"\]',
+        f"targets: {json.dumps(targets)}",
+        text,
+        1,
         "prometheus.yml hbmon targets",
     )
     assert re.search(r"^\s+- hbmon\.rules\.yml\s*$", text, re.MULTILINE)
@@ -168,10 +158,15 @@ def make_alertmanager_config(folder: Path, webhook_port: int, token: Path) -> Pa
     text = sub_exactly(
         r"url: http://127\.0\.0\.1:9799/api/v1/alerts",
         f"url: http://127.0.0.1:{webhook_port}/api/v1/alerts",
-        text, 1, "alertmanager.yml webhook url",
+        text,
+        1,
+        "alertmanager.yml webhook url",
     )
     text = sub_exactly(
-        r"credentials_file: /etc/hbmon/webhook\.token", f"credentials_file: {token}", text, 1,
+        r"credentials_file: /etc/hbmon/webhook\.token",
+        f"credentials_file: {token}",
+        text,
+        1,
         "alertmanager.yml credentials_file",
     )
     for key, value in (("group_wait", "1s"), ("group_interval", "1s"), ("repeat_interval", "1m")):
@@ -248,7 +243,7 @@ def test_host_down_fails_over_once_and_a_partition_never(
     assert alertmanager_bin is not None
 
     started = time.monotonic()
-    port = consecutive_free_ports()  # osaka on port, tokyo on port + 1
+    port = free_port_pair()  # osaka on port, tokyo on port + 1
     osaka, tokyo = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"
     am_port, prom_port = free_port(), free_port()
 
@@ -268,12 +263,20 @@ def test_host_down_fails_over_once_and_a_partition_never(
         demo_log = processes.start(
             "hbmon-demo",
             [
-                sys.executable, "-m", "hbmon.cli", "demo",
-                "--pairs", "4",
-                "--interval", "250ms",
-                "--listen", f"127.0.0.1:{port}",
-                "--failover", failover,
-                "--webhook-token-file", str(token),
+                sys.executable,
+                "-m",
+                "hbmon.cli",
+                "demo",
+                "--pairs",
+                "4",
+                "--interval",
+                "250ms",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--failover",
+                failover,
+                "--webhook-token-file",
+                str(token),
                 "--keep",
             ],
             env={**os.environ, "TMPDIR": str(demo_tmp)},
@@ -330,9 +333,12 @@ def test_host_down_fails_over_once_and_a_partition_never(
         print(f"demo, Alertmanager and Prometheus ready: {time.monotonic() - started:.1f} s")
 
         def verdict(site: str, pair: str, name: str) -> bool:
-            return metric_value(
-                http_get(site + "/metrics")[1], "hbmon_pair_verdict", pair=pair, verdict=name
-            ) == 1.0
+            return (
+                metric_value(
+                    http_get(site + "/metrics")[1], "hbmon_pair_verdict", pair=pair, verdict=name
+                )
+                == 1.0
+            )
 
         wait_for(lambda: verdict(tokyo, "osaka-01", "alive"), READY, "osaka-01 alive at tokyo")
         wait_for(lambda: verdict(osaka, "tokyo-01", "alive"), READY, "tokyo-01 alive at osaka")
@@ -346,7 +352,10 @@ def test_host_down_fails_over_once_and_a_partition_never(
         lab = [sys.executable, "-m", "hbmon.cli", "lab"]
         killed = subprocess.run(
             [*lab, "kill-host", "osaka-01", "--url", osaka],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         assert killed.returncode == 0, killed.stdout + killed.stderr
         t_kill = time.monotonic()
@@ -373,15 +382,21 @@ def test_host_down_fails_over_once_and_a_partition_never(
         assert not [e for e in entries if e["event"] in ("failed", "timed_out")], entries
         assert (
             metric_value(
-                http_get(tokyo + "/metrics")[1], "hbmon_failover_total",
-                pair="osaka-01", result="executed",
-            ) == 1.0
+                http_get(tokyo + "/metrics")[1],
+                "hbmon_failover_total",
+                pair="osaka-01",
+                result="executed",
+            )
+            == 1.0
         )
 
         # -- a network partition: the alert fires, no failover ever runs -------------------
         parted = subprocess.run(
             [*lab, "partition", "tokyo-01", "--url", osaka],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         assert parted.returncode == 0, parted.stdout + parted.stderr
         t_part = time.monotonic()
@@ -398,19 +413,24 @@ def test_host_down_fails_over_once_and_a_partition_never(
             time.sleep(0.25)
         assert verdict(osaka, "tokyo-01", "network_partition")
         wrong = [
-            a for a in prom.seen
+            a
+            for a in prom.seen
             if a["labels"].get("alertname") == "HbmonHostDown"
             and a["labels"].get("pair") == "tokyo-01"
         ]
         assert wrong == [], wrong
         assert "tokyo-01" not in failover_runs(runs)
         assert not [
-            e for e in journal(osaka_journal)
+            e
+            for e in journal(osaka_journal)
             if e.get("pair") == "tokyo-01" and e.get("event") == "started"
         ]
         dry = subprocess.run(
             [*lab[:-1], "failover", "tokyo-01", "--dry-run", "--url", osaka],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         assert dry.returncode == 0, dry.stdout + dry.stderr
         assert "would be refused" in dry.stdout

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from helpers import http_get, parse_metrics
+from helpers import free_port_pair, http_get, parse_metrics
 
 INTERVAL = 0.25  # --interval 250ms
 MISS_THRESHOLD = 3  # the demo's miss_threshold
@@ -60,23 +60,6 @@ LOG_VERDICT = re.compile(r"pair (\S+): verdict (\S+) -> (\S+)")
 
 
 # -- processes ------------------------------------------------------------------------------
-
-
-def free_port_pair() -> int:
-    """A TCP port PORT on 127.0.0.1 such that PORT and PORT+1 were both free a moment ago."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-            if port >= 65535:
-                continue
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    pytest.fail("no two adjacent free TCP ports found")
 
 
 def session_processes(sid: int) -> list[str]:

@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import need
+from helpers import free_port_pair
 
 pytestmark = [pytest.mark.tools, pytest.mark.slow]
 
@@ -80,20 +80,6 @@ def chromium_path() -> str:
 
 
 # -- the demo -------------------------------------------------------------------------------
-
-
-def free_port_pair() -> int:
-    """PORT such that PORT and PORT+1 on 127.0.0.1 were both free a moment ago."""
-    for _ in range(100):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    pytest.fail("no two adjacent free TCP ports")
 
 
 def http_status(url: str) -> int:
