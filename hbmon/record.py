@@ -198,7 +198,7 @@ class Decoder:
         # bytes 40..123: id length, the id, zero padding, the reserved zeros
         self.id_field = bytes([len(raw)]) + raw.ljust(MAX_ID_BYTES, b"\0") + _ZERO_TAIL
 
-    def __call__(self, data: bytes) -> Record:
+    def __call__(self, data: bytes | bytearray) -> Record:
         if (
             data[:10] == _MAGIC_VERSION
             and data[40:124] == self.id_field

@@ -117,6 +117,14 @@ class PathRow:
             if sent:
                 self._beat(rec, now, wall)
                 return "beat"
+            # A grace period still running leaves a full threshold of watching after the
+            # first read: a read delayed at start-up (10,000 volumes opening on a busy
+            # host) is no evidence that the writer is dead.
+            t = self.timing
+            if now < self.created + t.startup_grace:
+                self.created = max(
+                    self.created, now + t.miss_threshold * t.interval - t.startup_grace
+                )
             self._take(rec)
             return "baseline"
         if rec.incarnation != self.incarnation:

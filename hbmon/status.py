@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 
+from hbmon.changes import ChangeLog
 from hbmon.clock import Clock
 from hbmon.config import Timing
 from hbmon.row import FAILED, PATHS, SEVERITY, STATES, PathRow
@@ -74,6 +75,7 @@ class Pair:
     failover_single_path: bool = False
     rows: dict[str, PathRow] = field(default_factory=dict)
     verdict: str = "unknown"
+    changes: ChangeLog | None = None  # the table's bounded log of changes
 
     def judge(self, now: float) -> str:
         """Evaluate every path at ``now`` and derive the verdict (changes are logged)."""
@@ -87,13 +89,12 @@ class Pair:
         self.verdict = verdict({p: r.state for p, r in self.rows.items()}, self.ahead(now))
         if self.verdict != before:
             note = self.verdict_note
-            log.info(
-                "pair %s: verdict %s -> %s%s",
-                self.id,
-                before,
-                self.verdict,
-                f" ({note})" * bool(note),
-            )
+            args = (self.id, before, self.verdict, f" ({note})" * bool(note))
+            if self.changes is None:
+                log.info("pair %s: verdict %s -> %s%s", *args)
+            else:
+                kind = f"verdict {before} -> {self.verdict}"
+                self.changes.change(now, kind, "pair %s: verdict %s -> %s%s", *args)
         return self.verdict
 
     def ahead(self, now: float) -> set[str]:
@@ -202,6 +203,7 @@ class StatusTable:
         self._wake = anyio.Event()
         self.started = clock.monotonic()
         self.last_poll_tick = self.started
+        self.changes = ChangeLog(log)
 
     def add_pair(
         self,
@@ -219,6 +221,7 @@ class StatusTable:
         pair = self.pairs.get(pair_id)
         if pair is None:
             pair = self.pairs[pair_id] = Pair(pair_id, method, timing, volume, slot, failover)
+            pair.changes = self.changes
         else:
             pair.method, pair.timing, pair.volume, pair.slot = method, timing, volume, slot
             pair.failover = failover
@@ -263,7 +266,16 @@ class StatusTable:
                 f"volume {pair.volume}" if pair is not None and row.path == "volume" else row.path
             )
             extra = f" ({row.detail})" if row.detail and after != "alive" else ""
-            log.info("pair %s %s: %s -> %s%s", row.pair, where, before, after, extra)
+            self.changes.change(
+                now,
+                f"{row.path} {before} -> {after}",
+                "pair %s %s: %s -> %s%s",
+                row.pair,
+                where,
+                before,
+                after,
+                extra,
+            )
         if row.resumed:
             row.resumed = False
             if pair is not None:
@@ -336,6 +348,7 @@ class StatusTable:
         while True:
             now = self.clock.monotonic()
             self.run_due(now)
+            self.changes.flush(now)
             self._sleep_until = self._timers[0][0] if self._timers else now + 1.0
             self._wake = anyio.Event()
             with anyio.move_on_after(max(0.0, min(self._sleep_until - now, 1.0))):

@@ -8,7 +8,10 @@ device when the call returns.  Regular files (the demo, file-backed labs) are re
 normally and written with pwrite + fdatasync.
 
 Nothing here knows about time or the event loop; deadlines are enforced by the caller
-(:mod:`hbmon.workers`), which runs these functions on threads it can abandon.
+(:mod:`hbmon.workers`), which runs these functions on threads it can abandon.  The one
+exception is :func:`read_slot_nowait`: a buffered read of a regular file with
+``RWF_NOWAIT`` on a local file system, which the kernel either serves from the page
+cache at once or refuses (EAGAIN), so the poller may call it on the event loop.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import mmap
 import os
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 
 from hbmon.errors import RecordError, SlotTakenError, VolumeError
@@ -26,6 +30,11 @@ from hbmon.record import RECORD_SIZE, SLOT_SIZE, Record, decode, describe_slot
 
 BLKSSZGET = 0x1268  # ioctl: logical block size of a block device
 FILE_READ_SIZE = 512
+
+#: Local file systems whose buffered reads honour RWF_NOWAIT: a cached page is copied at
+#: once, anything that would wait (a page being read in, a lock) fails with EAGAIN.
+#: FUSE and network file systems are left out: a read there waits on a server.
+NOWAIT_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs"})
 
 
 @dataclass(eq=False)
@@ -38,6 +47,8 @@ class Volume:
     block_size: int
     writable: bool
     buffer: mmap.mmap | None = field(default=None, repr=False)
+    #: reads may be tried with RWF_NOWAIT (a regular file on a file system in NOWAIT_FS)
+    nowait: bool = False
 
     @property
     def io_size(self) -> int:
@@ -97,7 +108,8 @@ def open_volume(path: str, *, write: bool = False, create: bool = False) -> Volu
     except BaseException:
         os.close(fd)
         raise
-    return Volume(path, fd, is_block, block_size, write, buffer)
+    nowait = not is_block and not write and _fs_type(os.fstat(fd).st_dev) in NOWAIT_FS
+    return Volume(path, fd, is_block, block_size, write, buffer, nowait)
 
 
 def read_slot(vol: Volume, slot: int) -> bytes:
@@ -110,6 +122,47 @@ def read_slot(vol: Volume, slot: int) -> bytes:
         return os.pread(vol.fd, vol.io_size, offset)
     except OSError as err:
         raise _error(vol.path, err) from None
+
+
+def read_slot_nowait(vol: Volume, slot: int, buffer: bytearray) -> int:
+    """Read the first block of ``slot`` into ``buffer`` only if that needs no waiting.
+
+    Returns the bytes read, or -1 when the kernel would have to wait (the page is not
+    cached) or the volume does not allow it (then ``vol.nowait`` is cleared): the caller
+    reads it with :func:`read_slot` on a worker thread instead, which also reports errors.
+    """
+    try:
+        return os.preadv(vol.fd, (buffer,), slot * SLOT_SIZE, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return -1
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            vol.nowait = False
+        return -1
+
+
+_mounts: dict[int, str] = {}  # replaced whole, never mutated: read by several threads
+_mounts_read = -1.0
+
+
+def _fs_type(dev: int) -> str:
+    """The file system type of device number ``dev`` (from /proc/self/mountinfo; the
+    table is re-read when ``dev`` is unknown or it is more than 5 s old, because
+    anonymous device numbers are reused by later mounts)."""
+    global _mounts, _mounts_read
+    now = time.monotonic()
+    if dev not in _mounts or now - _mounts_read > 5.0:
+        table: dict[int, str] = {}
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    fields, _, rest = line.partition(" - ")
+                    major, _, minor = fields.split()[2].partition(":")
+                    table[os.makedev(int(major), int(minor))] = rest.split(" ", 1)[0]
+        except (OSError, ValueError, IndexError):
+            table = {}
+        _mounts, _mounts_read = table, now
+    return _mounts.get(dev, "")
 
 
 def write_slot(vol: Volume, slot: int, block: bytes, *, sync: bool = True) -> None:

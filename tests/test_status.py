@@ -289,6 +289,26 @@ def test_start_up_grace_without_any_beat() -> None:
     assert feed.state() == "alive"
 
 
+def test_a_late_first_read_still_gets_a_full_threshold() -> None:
+    """A first read delayed by a busy start-up (3.5 s into a 4 s grace) is watched for
+    miss_threshold intervals before the row can go stale; a late first beat is alive."""
+    feed = Feed()
+    feed.clock.advance(3.5)
+    assert feed.see(rec(5)) == "baseline"
+    feed.serial = 5
+    assert feed.wait(2.9, step=0.1) == "awaiting"
+    assert feed.row.missed(feed.now) == 0
+    feed.clock.advance(0.1)  # 3 intervals after the first read, no change seen
+    assert feed.state() == "stale"
+    fresh = Feed()
+    fresh.clock.advance(3.5)
+    fresh.see(rec(5))
+    fresh.serial = 5
+    fresh.clock.advance(1.0)
+    assert fresh.beat() == "beat"
+    assert fresh.state() == "alive"
+
+
 def test_explicit_grace() -> None:
     feed = Feed(Timing(interval=1, miss_threshold=3, recover_beats=2, grace=30))
     feed.see(rec(5))
