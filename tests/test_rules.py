@@ -224,9 +224,7 @@ def test_promtool_test_rules(promtool: str) -> None:
 
 
 @pytest.mark.tools
-def test_promtool_test_rules_catches_a_rule_without_its_for(
-    promtool: str, tmp_path: Path
-) -> None:
+def test_promtool_test_rules_catches_a_rule_without_its_for(promtool: str, tmp_path: Path) -> None:
     """The unit tests have teeth: HbmonHostDown without its for: fails them."""
     broken, count = re.subn(
         r"(- alert: HbmonHostDown\n(?:.*\n)*?\s+for:\s*)\S+", r"\g<1>0s", RULES.read_text()
