@@ -1,6 +1,7 @@
 """The poller (heartbeat check 101b): reads every watched SVOL each interval.
 
-One scheduler over a heap of due times (not a task per volume).  Each tick pops the
+One scheduler over a timer wheel (not a task per volume): volumes wait in buckets of
+``COALESCE`` seconds by due time, a small heap orders the buckets.  Each tick takes the
 volumes that are due, hands them to the :class:`~hbmon.workers.WorkerPool` in batches,
 and feeds what comes back into the status table.  A kept-open regular file on a local
 file system is first read right on the loop with ``RWF_NOWAIT`` (see
@@ -59,6 +60,7 @@ class Target:
     decoder: Decoder = field(init=False)
     volume: Volume | None = None  # kept open between polls; touched only by its worker
     inflight: bool = False
+    due: float = 0.0  # when its next read is due (monotonic)
     submitted: float = 0.0
     hung: bool = False
     active: bool = True
@@ -149,8 +151,10 @@ class Poller:
         self.table = table
         self.clock = clock
         self.targets: dict[str, Target] = {}
-        self._heap: list[tuple[float, int, Target]] = []
-        self._seq = 0
+        # The wheel: bucket k holds the targets due in [k, k + 1) * COALESCE; ``_keys`` is
+        # a heap of the bucket numbers in use (about 20 a second, whatever the volumes).
+        self._buckets: dict[int, list[Target]] = {}
+        self._keys: list[int] = []
         self.pool: WorkerPool[Target, ReadOutcome] = WorkerPool(
             read_target, self._deliver, clock=clock, threads=threads
         )
@@ -162,6 +166,7 @@ class Poller:
         self.inline = inline  # try RWF_NOWAIT reads on the loop first
         self.inline_reads = 0  # reads served that way (the rest went to threads)
         self._buffer = bytearray(FILE_READ_SIZE)
+        self._head = memoryview(self._buffer)[: RECORD_SIZE - 4]  # what the CRC covers
 
     # -- what to watch ------------------------------------------------------------
 
@@ -282,8 +287,13 @@ class Poller:
                     self.unwatch(pair)
 
     def _push(self, due: float, target: Target) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (due, self._seq, target))
+        target.due = due
+        key = int(due // COALESCE)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = bucket = []
+            heapq.heappush(self._keys, key)
+        bucket.append(target)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -303,30 +313,33 @@ class Poller:
         self.pool.harvest()
         now = self.clock.monotonic()
         self.table.last_poll_tick = now
-        heap, batch, lag = self._heap, [], -1.0
+        keys, buckets, push = self._keys, self._buckets, self._push
+        batch: list[Target] = []
+        lag = -1.0
         inline, wall = self.inline, self.clock.wall()
-        while heap and heap[0][0] <= now + COALESCE:
-            due, seq, target = heapq.heappop(heap)
-            if not target.active:
-                continue
-            lag = max(lag, now - due)
-            if not target.inflight:
-                vol = target.volume
-                if not (
-                    inline
-                    and vol is not None
-                    and vol.nowait
-                    and target.seen
-                    and self._read_inline(target, vol, now, wall)
-                ):
-                    target.inflight, target.submitted = True, now
-                    batch.append(target)
-            elif not target.hung and now - target.submitted > target.read_timeout:
-                self._mark_hung(target, now)
-            following = due + target.period
-            heapq.heappush(
-                heap, (following if following > now else now + target.period, seq, target)
-            )
+        # A bucket is taken once it has begun: its reads run at most COALESCE early.
+        while keys and keys[0] * COALESCE <= now:
+            for target in buckets.pop(heapq.heappop(keys)):
+                if not target.active:
+                    continue
+                due = target.due
+                if now - due > lag:
+                    lag = now - due
+                if not target.inflight:
+                    vol = target.volume
+                    if not (
+                        inline
+                        and vol is not None
+                        and vol.nowait
+                        and target.seen
+                        and self._read_inline(target, vol, now, wall)
+                    ):
+                        target.inflight, target.submitted = True, now
+                        batch.append(target)
+                elif not target.hung and now - target.submitted > target.read_timeout:
+                    self._mark_hung(target, now)
+                following = due + target.period
+                push(following if following > now else now + target.period, target)
         if lag >= 0:
             self.table.poll_lag = max(lag, 0.0)
             self.table.lag_samples.append(self.table.poll_lag)
@@ -344,22 +357,27 @@ class Poller:
         duration = time.perf_counter() - start
         if n < RECORD_SIZE:
             return False  # would wait, refused, or short: the thread reads and reports it
+        self.inline_reads += 1
+        row = target.row
+        fields = target.decoder.active(buffer, self._head)
+        if fields is not None and row is not None and target.active:
+            incarnation, serial, writer_time, interval = fields
+            if row.observe_next(incarnation, serial, writer_time, interval, now, wall):
+                self.table.read_duration.observe(duration)
+                if duration >= 0.001 or row.slowest_read >= 0.001:  # (seconds matter there)
+                    row.observe_latency(duration)
+                target.hung = False
+                return True
         try:
             record = target.decoder(buffer if n == len(buffer) else bytes(buffer[:n]))
         except RecordError:
+            self.inline_reads -= 1
             return False  # the thread reads it again and names what is wrong
-        self.inline_reads += 1
-        row = target.row
-        if row is not None and target.active and row.observe_next_beat(record, now, wall):
-            self.table.read_duration.observe(duration)
-            row.observe_latency(duration)
-            target.hung = False
-            return True
         self._deliver(target, ReadOutcome("record", record, "", "", duration))
         return True
 
     def _sleep_time(self) -> float:
-        wait = self._heap[0][0] - self.clock.monotonic() if self._heap else 1.0
+        wait = self._keys[0] * COALESCE - self.clock.monotonic() if self._keys else 1.0
         if self.pool.detached:
             wait = min(wait, 0.05)  # harvest late results promptly
         return min(max(wait, 0.0), 1.0)

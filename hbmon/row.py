@@ -213,23 +213,33 @@ class PathRow:
     def observe_next_beat(self, rec: Record, now: float, wall: float) -> bool:
         """The hot path: the next beat of a healthy row.  Returns False, changing nothing,
         when ``rec`` is anything else (then :meth:`observe_record` decides)."""
+        return rec.state is State.ACTIVE and self.observe_next(
+            rec.incarnation, rec.serial, rec.writer_time, rec.interval, now, wall
+        )
+
+    def observe_next(
+        self,
+        incarnation: int,
+        serial: int,
+        writer_time: float,
+        interval: float,
+        now: float,
+        wall: float,
+    ) -> bool:
+        """:meth:`observe_next_beat` for an active record given by its fields (the
+        poller's inline reads decode no more than these)."""
         if (
             self.state != "alive"
             or self.problem is not None
-            or rec.incarnation != self.incarnation
-            or rec.serial <= (self.serial or 0)
-            or rec.state is not State.ACTIVE
+            or incarnation != self.incarnation
+            or serial <= (self.serial or 0)
             or self.record_state is not State.ACTIVE
             or not self.trusted
         ):
             return False
-        self.serial, self.writer_time, self.declared_interval = (
-            rec.serial,
-            rec.writer_time,
-            rec.interval,
-        )
+        self.serial, self.writer_time, self.declared_interval = serial, writer_time, interval
         self.last_change = self.last_read = now
-        self.skew = rec.writer_time - wall
+        self.skew = writer_time - wall
         self.beats_seen += 1
         self.gap_missed = 0
         if self.note:

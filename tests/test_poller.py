@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import anyio
+import pytest
 
 from hbmon.clock import SystemClock
 from hbmon.config import Timing
@@ -58,3 +59,103 @@ def test_the_budget_follows_the_open_file_limit() -> None:
     soft_after, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert soft_after >= soft
     assert budget == soft_after - 100
+
+
+async def run_poller(poller: Poller, paths: list[Path], beats: int = 10) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(poller.run)
+        for serial in range(2, 2 + beats):
+            for path in paths:
+                write_record(path, path.stem, serial)
+            await anyio.sleep(0.1)
+        tg.cancel_scope.cancel()
+
+
+async def test_cached_file_volumes_are_read_inline_and_judged_the_same(tmp_path: Path) -> None:
+    """Regular files on a local file system are read on the loop with RWF_NOWAIT (no
+    thread); the rows they feed see the same beats as threaded reads would."""
+    clock = SystemClock()
+    table = StatusTable(clock)
+    poller = Poller(table, clock, threads=2)
+    paths = [tmp_path / f"v{i}.vol" for i in range(4)]
+    for path in paths:
+        write_record(path, path.stem, 1)
+        poller.watch(path.stem, str(path), 0, "volume", Timing(interval=0.1))
+    await run_poller(poller, paths)
+    assert poller.inline_reads >= 4 * 5  # after each first (threaded) read, inline
+    for target in poller.targets.values():
+        assert target.volume is not None
+        assert target.volume.nowait
+        row = table.row(target.pair, "volume")
+        assert row is not None
+        assert row.state == "alive", (row.pair, row.state, row.reason)
+        assert row.serial is not None
+        assert row.serial >= 8
+        assert row.beats_seen >= 5
+
+
+async def test_reads_the_kernel_would_wait_for_go_to_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When RWF_NOWAIT is refused (EAGAIN: a page not cached; EOPNOTSUPP: FUSE, NFS) the
+    read goes to a worker thread and the row is judged as before."""
+    import hbmon.poller
+
+    monkeypatch.setattr(hbmon.poller, "read_slot_nowait", lambda vol, slot, buffer: -1)
+    clock = SystemClock()
+    table = StatusTable(clock)
+    poller = Poller(table, clock, threads=2)
+    paths = [tmp_path / f"v{i}.vol" for i in range(3)]
+    for path in paths:
+        write_record(path, path.stem, 1)
+        poller.watch(path.stem, str(path), 0, "volume", Timing(interval=0.1))
+    await run_poller(poller, paths)
+    assert poller.inline_reads == 0
+    for target in poller.targets.values():
+        row = table.row(target.pair, "volume")
+        assert row is not None
+        assert row.state == "alive"
+        assert row.beats_seen >= 5
+
+
+async def test_a_bad_record_read_inline_is_named_by_the_thread_path(tmp_path: Path) -> None:
+    """A corrupt record is not judged on the loop: the thread reads it again and the row
+    shows invalid / checksum_mismatch, as for any other read."""
+    clock = SystemClock()
+    table = StatusTable(clock)
+    poller = Poller(table, clock, threads=2)
+    path = tmp_path / "v.vol"
+    write_record(path, "v", 1)
+    poller.watch("v", str(path), 0, "volume", Timing(interval=0.1))
+    async with anyio.create_task_group() as tg:
+        await tg.start(poller.run)
+        for serial in range(2, 6):
+            write_record(path, "v", serial)
+            await anyio.sleep(0.1)
+        with path.open("r+b") as f:
+            f.seek(30)
+            f.write(b"\xff\xff")  # inside the serial: the checksum no longer matches
+        await anyio.sleep(0.4)
+        tg.cancel_scope.cancel()
+    row = table.row("v", "volume")
+    assert row is not None
+    assert (row.state, row.reason) == ("invalid", "checksum_mismatch")
+    assert poller.inline_reads >= 2
+
+
+def test_nowait_is_only_tried_on_local_file_systems(tmp_path: Path) -> None:
+    from hbmon.volume import NOWAIT_FS, _fs_type, open_volume, read_slot_nowait
+
+    path = tmp_path / "v.vol"
+    write_record(path, "v", 1)
+    vol = open_volume(str(path))
+    try:
+        expected = _fs_type(os.stat(path).st_dev) in NOWAIT_FS
+        assert vol.nowait == expected
+        if expected:
+            buffer = bytearray(512)
+            assert read_slot_nowait(vol, 0, buffer) == 512
+            assert bytes(buffer[:8]) == b"HBMONREC"
+    finally:
+        vol.close()
+    assert _fs_type(os.stat("/proc/self").st_dev) == "proc"  # not a NOWAIT file system

@@ -401,3 +401,37 @@ def test_describe_slot_does_not_call_data_nothing(data: bytes) -> None:
     """
     text = describe_slot(data)
     assert not text.startswith("nothing"), text
+
+
+def test_the_hot_decoder_agrees_with_decode() -> None:
+    """Decoder.active (the poller's inline reads) gives the fields of exactly the active
+    records of its pair that decode() accepts; everything else is None."""
+    import random
+
+    from hbmon.record import Decoder, State
+
+    dec = Decoder("pair-1")
+    good = Record("pair-1", 0xABC, 42, 1.7e9 + 0.5, 0.25).encode_block(512)
+    cases = [
+        good,
+        Record("pair-1", 1, 1, 1.7e9, 1.0, State.STOPPING).encode_block(512),
+        Record("pair-2", 1, 1, 1.7e9, 1.0).encode_block(512),
+        bytes(512),
+    ]
+    rng = random.Random(7)
+    for _ in range(300):
+        damaged = bytearray(good)
+        damaged[rng.randrange(128)] ^= 1 << rng.randrange(8)
+        cases.append(bytes(damaged))
+    for data in cases:
+        buffer = bytearray(data)
+        fields = dec.active(buffer, memoryview(buffer)[:124])
+        try:
+            rec = decode(data, "pair-1")
+        except RecordError:
+            assert fields is None
+            continue
+        if rec.state is not State.ACTIVE:
+            assert fields is None
+        else:
+            assert fields == (rec.incarnation, rec.serial, rec.writer_time, rec.interval)
