@@ -10,6 +10,10 @@ once, so nothing waits, and the thread hand-off (and the GIL hand-offs of eight 
 each releasing the GIL for every read) is spared for the common case.  Anything else --
 block devices (O_DIRECT), FUSE and network file systems, a page not in the cache, a
 record that does not decode -- goes to the threads, which also name every error.
+Block devices are read with O_DIRECT through io_uring where the machine allows it
+(:mod:`hbmon.ringreads`: one system call a tick, no thread per read), else on threads;
+``hbmon_build_info{io_backend}`` says which, and ``HBMON_IO_BACKEND=threads`` forces
+threads.
 
 A volume whose read is still out is not read again; once its read has been out longer
 than its ``read_timeout`` the row shows ``io_hung`` and the worker is counted as stuck,
@@ -19,10 +23,12 @@ while every other volume keeps its cadence.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import glob
 import heapq
 import logging
+import os
 import resource
 import time
 import zlib
@@ -37,6 +43,7 @@ from hbmon.clock import Clock
 from hbmon.config import SiteConfig, Timing, WatchGlobConfig
 from hbmon.errors import RecordError, VolumeError
 from hbmon.record import RECORD_SIZE, Decoder, Record
+from hbmon.ringreads import RingReads
 from hbmon.status import PathRow, StatusTable
 from hbmon.volume import FILE_READ_SIZE, Volume, open_volume, read_slot, read_slot_nowait
 from hbmon.workers import WorkerPool
@@ -146,7 +153,13 @@ class Poller:
     """Polls the watched volumes of one site into its status table."""
 
     def __init__(
-        self, table: StatusTable, clock: Clock, *, threads: int = 8, inline: bool = True
+        self,
+        table: StatusTable,
+        clock: Clock,
+        *,
+        threads: int = 8,
+        inline: bool = True,
+        ring: bool | None = None,
     ) -> None:
         self.table = table
         self.clock = clock
@@ -167,6 +180,11 @@ class Poller:
         self.inline_reads = 0  # reads served that way (the rest went to threads)
         self._buffer = bytearray(FILE_READ_SIZE)
         self._head = memoryview(self._buffer)[: RECORD_SIZE - 4]  # what the CRC covers
+        if ring is None:
+            ring = os.environ.get("HBMON_IO_BACKEND", "auto") != "threads"
+        self.ring = RingReads.create() if ring else None
+        table.io_backend = "io_uring" if self.ring is not None else "threads"
+        self._tg: anyio.abc.TaskGroup | None = None
 
     # -- what to watch ------------------------------------------------------------
 
@@ -301,6 +319,9 @@ class Poller:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         async with anyio.create_task_group() as tg:
+            self._tg = tg
+            if self.ring is not None:
+                tg.start_soon(self.ring.run, self._ring_result)
             if self.globs:
                 await self.rescan()
             tg.start_soon(self._rescan_loop)
@@ -315,6 +336,8 @@ class Poller:
         self.table.last_poll_tick = now
         keys, buckets, push = self._keys, self._buckets, self._push
         batch: list[Target] = []
+        direct: list[Target] = []  # block devices, for the ring
+        ring = self.ring
         lag = -1.0
         inline, wall = self.inline, self.clock.wall()
         # A bucket is taken once it has begun: its reads run at most COALESCE early.
@@ -335,7 +358,10 @@ class Poller:
                         and self._read_inline(target, vol, now, wall)
                     ):
                         target.inflight, target.submitted = True, now
-                        batch.append(target)
+                        if ring is not None and vol is not None and vol.is_block and target.seen:
+                            direct.append(target)
+                        else:
+                            batch.append(target)
                 elif not target.hung and now - target.submitted > target.read_timeout:
                     self._mark_hung(target, now)
                 following = due + target.period
@@ -346,8 +372,27 @@ class Poller:
         self.table.workers_stuck = sum(
             1 for t in self.pool.stuck(0.0) if now - t.submitted > t.read_timeout
         )
+        if direct:
+            assert ring is not None
+            batch += ring.submit(direct)  # what the ring has no room for goes to threads
         for i in range(0, len(batch), BATCH):
             tg.start_soon(self.pool.run, batch[i : i + BATCH])
+
+    def _ring_result(
+        self, target: Target, data: memoryview | None, error: int, duration: float
+    ) -> None:
+        """A read through the ring is done: judge it like an inline read."""
+        now, wall = self.clock.monotonic(), self.clock.wall()
+        if data is None:
+            _forget(target)  # reopened (on a thread) by the next read
+            reason = {errno.EACCES: "permission", errno.EPERM: "permission"}.get(error, "io_error")
+            detail = f"{os.strerror(error)} (errno {error})"
+            self._deliver(target, ReadOutcome("io_error", None, reason, detail, duration))
+            return
+        if not self._take(target, data, data[: RECORD_SIZE - 4], duration, now, wall):
+            # Not a plain next beat: read it again on a thread, which names what it is.
+            if self._tg is not None:
+                self._tg.start_soon(self.pool.run, [target])
 
     def _read_inline(self, target: Target, vol: Volume, now: float, wall: float) -> bool:
         """Read ``target`` on the loop if the kernel can answer at once; False: use a thread."""
@@ -357,10 +402,29 @@ class Poller:
         duration = time.perf_counter() - start
         if n < RECORD_SIZE:
             return False  # would wait, refused, or short: the thread reads and reports it
+        data = buffer if n == len(buffer) else memoryview(buffer)[:n]
+        if not self._take(target, data, self._head, duration, now, wall):
+            return False
         self.inline_reads += 1
+        return True
+
+    def _take(
+        self,
+        target: Target,
+        data: bytearray | memoryview,
+        head: memoryview,
+        duration: float,
+        now: float,
+        wall: float,
+    ) -> bool:
+        """Judge what a read found, if it is a valid record of the pair; False if not
+        (the caller then has a thread read it again, which names what is wrong)."""
+        if len(data) < RECORD_SIZE:
+            return False
         row = target.row
-        fields = target.decoder.active(buffer, self._head)
+        fields = target.decoder.active(data, head)
         if fields is not None and row is not None and target.active:
+            target.inflight = False
             incarnation, serial, writer_time, interval = fields
             if row.observe_next(incarnation, serial, writer_time, interval, now, wall):
                 self.table.read_duration.observe(duration)
@@ -369,10 +433,9 @@ class Poller:
                 target.hung = False
                 return True
         try:
-            record = target.decoder(buffer if n == len(buffer) else bytes(buffer[:n]))
+            record = target.decoder(bytes(data))
         except RecordError:
-            self.inline_reads -= 1
-            return False  # the thread reads it again and names what is wrong
+            return False
         self._deliver(target, ReadOutcome("record", record, "", "", duration))
         return True
 

@@ -223,7 +223,7 @@ class Decoder:
         return decode(data, self.pair_id)
 
     def active(
-        self, data: bytes | bytearray, head: memoryview
+        self, data: bytes | bytearray | memoryview, head: memoryview
     ) -> tuple[int, int, float, float] | None:
         """(incarnation, serial, writer_time, interval) of an *active* record of this
         pair at the start of ``data`` (at least 128 bytes; ``head`` is a view of its first
