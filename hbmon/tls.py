@@ -26,6 +26,15 @@ def _readable(path: Path, key: str) -> None:
         raise ConfigError(str(path), key, f"cannot read the file: {err.strerror}") from None
 
 
+class _Encrypted(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    # Without this OpenSSL would prompt on the terminal: a daemon has none to ask.
+    raise _Encrypted
+
+
 def server_context(config: SiteConfig) -> ssl.SSLContext | None:
     """The TLS context of the HTTP server, or None for plain HTTP."""
     cert, key, client_ca = config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file
@@ -37,7 +46,14 @@ def server_context(config: SiteConfig) -> ssl.SSLContext | None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=_no_password)
+    except _Encrypted:
+        raise ConfigError(
+            str(key),
+            "tls_key_file",
+            "is encrypted; hbmon needs it unencrypted (`openssl pkey -in KEY -out NEW`, "
+            "then `chmod 600 NEW`)",
+        ) from None
     except ssl.SSLError as err:
         problem = (
             f"does not belong to the certificate in {cert} (a key and certificate of "
