@@ -165,6 +165,24 @@ async def run_daemon(site: Site, config_path: str | None = None) -> None:
     SIGHUP re-reads ``config_path``; a configuration that does not validate is logged
     and ignored, and the running one stays in force.
     """
+    try:
+        await _serve_until_signalled(site, config_path)
+    except BaseExceptionGroup as group:
+        # One failure (a port that cannot be bound, say) reaches the CLI as itself, so it
+        # becomes one line and an exit code instead of a traceback of task groups.
+        sole = _sole_error(group)
+        if isinstance(sole, HbmonError | OSError):
+            raise sole from None
+        raise
+
+
+def _sole_error(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+async def _serve_until_signalled(site: Site, config_path: str | None) -> None:
     async with anyio.create_task_group() as tg:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             await tg.start(site.run)
