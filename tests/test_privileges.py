@@ -45,7 +45,7 @@ SETPRIV = [
 ]
 
 
-def as_nobody(*args: str, cwd: Path) -> list[str]:
+def as_nobody(*args: str) -> list[str]:
     return [*SETPRIV, sys.executable, "-m", "hbmon.cli", *args]
 
 
@@ -128,7 +128,7 @@ def unprivileged_site(config: Path, port: int, work: Path) -> Iterator[subproces
     log = work / "site.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            as_nobody("run", "-c", str(config), "--listen", f"127.0.0.1:{port}", cwd=work),
+            as_nobody("run", "-c", str(config), "--listen", f"127.0.0.1:{port}"),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -148,6 +148,21 @@ def unprivileged_site(config: Path, port: int, work: Path) -> Iterator[subproces
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_the_shipped_unit_drops_what_this_test_drops() -> None:
+    """The privileges taken away here are the ones ``hbmon.service`` takes away."""
+    unit = Path(__file__).resolve().parent.parent / "deploy" / "systemd" / "hbmon.service"
+    settings: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    assert settings["User"] == ["hbmon"]  # not root (here: nobody)
+    assert settings["CapabilityBoundingSet"] == [""]  # --bounding-set=-all
+    assert settings["AmbientCapabilities"] == [""]  # --inh-caps=-all
+    assert settings["NoNewPrivileges"] == ["yes"]  # --no-new-privs
+    assert settings["ReadWritePaths"] == ["/var/lib/hbmon"]  # its journal only
 
 
 def status_fields(pid: int) -> dict[str, str]:
@@ -207,7 +222,7 @@ def test_runs_unprivileged_with_only_its_volume_journal_and_port(
         assert fields["NoNewPrivs"] == "1"
 
         metrics = http_get(url + "/metrics")[1]
-        assert metric_value(metrics, "hbmon_beats_written_total", pair="db1") > 0  # type: ignore[operator]
+        assert (metric_value(metrics, "hbmon_beats_written_total", pair="db1") or 0) > 0
         assert (
             metric_value(metrics, "hbmon_volume_read_errors_total", pair="db2", reason="permission")
             or 0
@@ -250,7 +265,7 @@ def test_runs_unprivileged_with_only_its_volume_journal_and_port(
 
 def run_nobody(config: Path, work: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        as_nobody("run", "-c", str(config), *extra, cwd=work),
+        as_nobody("run", "-c", str(config), *extra),
         capture_output=True,
         text=True,
         timeout=30,

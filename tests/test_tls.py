@@ -225,6 +225,15 @@ def test_https_serves_metrics_and_refuses_plain_http(tmp_path: Path, pki: Pki) -
         # a client that does not trust hbmon's CA rejects the server
         err = refused(lambda: https(port, "/metrics", ssl.create_default_context()))
         assert "CERTIFICATE_VERIFY_FAILED" in err
+        # hbmon's own client trusts the CA named by SSL_CERT_FILE (docs/operations.md)
+        status = subprocess.run(
+            [sys.executable, "-m", "hbmon.cli", "status", "--url", f"https://127.0.0.1:{port}",
+             "--json"],
+            capture_output=True, text=True, timeout=30, check=False,
+            env={**os.environ, "SSL_CERT_FILE": str(pki["ca.crt"])},
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["site"] == "tls"
         # the webhook keeps its bearer token
         alerts = json.dumps({"version": "4", "alerts": []}).encode()
         assert https(port, "/api/v1/alerts", context, body=alerts)[0] == 401
