@@ -134,7 +134,8 @@ class Site:
     async def reload(self, config: SiteConfig) -> None:
         """Apply a new configuration: pairs added and removed, the others keep their state.
 
-        The network key and the HTTP and UDP listen addresses are taken at start only.
+        The network key, the webhook token, the TLS files and the HTTP and UDP listen
+        addresses are taken at start only.
         """
         self.poller.configure(config)
         await self.poller.rescan(refresh=True)
