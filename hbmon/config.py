@@ -8,7 +8,9 @@ silently falls back to a default.
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +120,9 @@ class SiteConfig:
     io_threads: int = 8
     network: NetworkConfig = field(default_factory=NetworkConfig)
     webhook_token_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     failover_hold_down: float = 600.0
     failover_timeout: float = 60.0
     beats: tuple[BeatConfig, ...] = ()
@@ -333,6 +338,9 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
         io_threads=top.get("io_threads", _positive_int, 8),
         network=network,
         webhook_token_file=token_file,
+        tls_cert_file=top.get("tls_cert_file", as_path, None),
+        tls_key_file=top.get("tls_key_file", as_path, None),
+        tls_client_ca_file=top.get("tls_client_ca_file", as_path, None),
         failover_hold_down=hold_down,
         failover_timeout=failover_timeout,
         beats=tuple(beats),
@@ -342,7 +350,53 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
     top.done()
     _check_unique(config)
     _check_network(config)
+    _check_tls(config)
     return config
+
+
+def _check_tls(config: SiteConfig) -> None:
+    if (config.tls_cert_file is None) != (config.tls_key_file is None):
+        given, missing = (
+            ("tls_cert_file", "tls_key_file")
+            if config.tls_key_file is None
+            else ("tls_key_file", "tls_cert_file")
+        )
+        raise ConfigError(config.source, missing, f"is required with {given} (HTTPS needs both)")
+    if config.tls_client_ca_file is not None and config.tls_cert_file is None:
+        raise ConfigError(
+            config.source,
+            "tls_client_ca_file",
+            "needs tls_cert_file and tls_key_file (client certificates are checked over HTTPS)",
+        )
+
+
+#: Mode bits a secret file must not have: readable or writable by others, or writable by
+#: its group (anyone who can rewrite a key or token can impersonate its owner).
+SECRET_MODE_FORBIDDEN = stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP
+
+
+def check_private(path: Path, key: str) -> None:
+    """Refuse a secret file (HMAC key, bearer token, TLS private key) others may read or
+    rewrite: readable or writable by others, or writable by its group."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as err:
+        raise ConfigError(str(path), key, f"cannot read the file: {err.strerror}") from None
+    bad = mode & SECRET_MODE_FORBIDDEN
+    if not bad:
+        return
+    if bad & stat.S_IROTH:
+        what = "world-readable"
+    elif bad & stat.S_IWOTH:
+        what = "world-writable"
+    else:
+        what = "group-writable"
+    raise ConfigError(
+        str(path),
+        key,
+        f"secret file is {what} (mode {mode:04o}); run `chmod 600 {path}` "
+        "(or 640 to let the service's group read it)",
+    )
 
 
 def _check_network(config: SiteConfig) -> None:

@@ -7,7 +7,10 @@ Alertmanager says "HbmonHostDown is firing for pair P"; the guard decides:
   its configuration does not opt in (``failover_single_path = true``: a stale SVOL may
   mean a stopped remote copy, a silent network a partition), is already failing over,
   or failed over less than ``hold_down`` ago;
-* executed otherwise: the command runs with a timeout, never twice at once for a pair.
+* executed otherwise: the command runs with a timeout, never twice at once for a pair,
+  without a shell, in its own session, with standard input from ``/dev/null`` and a
+  clean environment (:func:`command_env`): nothing of the daemon's environment leaks
+  into it.
 
 Every decision is appended to a journal as one JSON line and fsync'ed, before the
 command starts and after it ends, so hold-downs survive restarts and every action can
@@ -38,6 +41,20 @@ log = logging.getLogger(__name__)
 RESULTS = ("executed", "refused", "failed", "timed_out")
 JOURNAL_NAME = "failover.jsonl"
 OUTPUT_LIMIT = 4096  # bytes of the command's output kept in the journal
+#: The search path of a failover command (systemd's default for services).
+COMMAND_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def command_env(pair: str, site: str, reason: str) -> dict[str, str]:
+    """The whole environment of a failover command: a fixed ``PATH`` and ``LANG`` and
+    what the failover is about.  Nothing is inherited from the daemon."""
+    return {
+        "PATH": COMMAND_PATH,
+        "LANG": "C.UTF-8",
+        "HBMON_PAIR": pair,
+        "HBMON_SITE": site,
+        "HBMON_REASON": reason,
+    }
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,22 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def unwritable(self) -> str | None:
+        """Why this process could not append to the journal, or None when it can.
+
+        Checked without creating anything, so a daemon that lacks access learns it at start
+        rather than at its first failover."""
+        if self.path.exists():
+            if self.path.is_dir() or not os.access(self.path, os.W_OK):
+                return f"{self.path} is not a writable file"
+            return None
+        parent = self.path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            return f"cannot create {self.path}: {parent} is not a writable directory"
+        return None
 
     def entries(self) -> list[dict[str, Any]]:
         try:
@@ -177,7 +210,8 @@ class FailoverGuard:
         }
         try:
             with anyio.fail_after(self.timeout):
-                code, output = await run_command(decision.command)
+                env = command_env(pair, self.table.site, decision.reason)
+                code, output = await run_command(decision.command, env)
         except TimeoutError:
             result = "timed_out"
             entry["detail"] = f"no exit within {self.timeout:g} s; its process group was killed"
@@ -202,14 +236,18 @@ class FailoverGuard:
         await anyio.to_thread.run_sync(self.journal.append, entry)
 
 
-async def run_command(command: tuple[str, ...]) -> tuple[int, bytes]:
-    """Run ``command`` in its own process group; if cancelled (a deadline), kill the group."""
+async def run_command(
+    command: tuple[str, ...], env: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """Run ``command`` (an argv list: no shell) in its own session with exactly ``env`` as
+    its environment (None: an empty one); if cancelled (a deadline), kill the group."""
     async with await anyio.open_process(
         list(command),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=env if env is not None else {},
     ) as proc:
         output = bytearray()
         try:

@@ -13,6 +13,7 @@ import functools
 import importlib.resources
 import json
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -177,17 +178,31 @@ async def serve_http(
     host: str,
     port: int,
     *,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` until cancelled; reports the bound (host, port) when listening."""
+    """Serve ``app`` until cancelled; reports the bound (host, port) when listening.
+
+    With ``ssl_context`` (:func:`hbmon.tls.server_context`) the port speaks HTTPS only.
+    """
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
         bound = runner.addresses[0]
+        scheme = "https" if ssl_context is not None else "http"
+        clients = (
+            ", client certificates required"
+            if ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED
+            else ""
+        )
         log.info(
-            "HTTP on http://%s:%d/ (/status /status.json /metrics /healthz)", bound[0], bound[1]
+            "HTTP on %s://%s:%d/ (/status /status.json /metrics /healthz)%s",
+            scheme,
+            bound[0],
+            bound[1],
+            clients,
         )
         task_status.started((str(bound[0]), int(bound[1])))
         await anyio.sleep_forever()

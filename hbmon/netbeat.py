@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import socket
-import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import anyio
 import anyio.abc
 
 from hbmon.clock import Clock
-from hbmon.config import parse_hostport
+from hbmon.config import check_private, parse_hostport
 from hbmon.errors import ConfigError, RecordError
 from hbmon.record import RECORD_SIZE, Record, decode
 from hbmon.status import StatusTable
@@ -50,16 +48,10 @@ class Rejected(Exception):
 
 
 def load_secret(path: Path, key_name: str = "network.key_file") -> bytes:
-    """Read the shared key; refuse one that others may read or that is too short."""
+    """Read a shared secret (the HMAC key, the webhook token); refuse one that others may
+    read or rewrite (:func:`hbmon.config.check_private`) or that is too short."""
+    check_private(path, key_name)
     try:
-        st = os.stat(path)
-        if st.st_mode & stat.S_IROTH:
-            raise ConfigError(
-                str(path),
-                key_name,
-                f"key file is world-readable (mode {stat.S_IMODE(st.st_mode):04o}); "
-                f"run `chmod 600 {path}`",
-            )
         key = path.read_bytes().strip()
     except OSError as err:
         raise ConfigError(str(path), key_name, f"cannot read key file: {err.strerror}") from None

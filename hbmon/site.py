@@ -7,7 +7,9 @@ writes ``stopping`` records (bounded by a grace period) and cancels everything.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -19,13 +21,14 @@ import anyio.to_thread
 from hbmon.beater import Beater
 from hbmon.clock import Clock, SystemClock
 from hbmon.config import SiteConfig, load_config, parse_hostport
-from hbmon.errors import HbmonError
+from hbmon.errors import ConfigError, HbmonError
 from hbmon.failover import JOURNAL_NAME, FailoverGuard, Journal
 from hbmon.http import HttpApi, serve_http
 from hbmon.metrics import site_registry
 from hbmon.netbeat import NetListener, NetSender, load_secret
 from hbmon.poller import Poller
 from hbmon.status import StatusTable
+from hbmon.tls import server_context
 from hbmon.webhook import Webhook
 
 log = logging.getLogger(__name__)
@@ -67,19 +70,32 @@ class Site:
             on_written=on_written,
         )
         self.api = HttpApi(self.table, self.registry)
+        self.ssl_context = server_context(config)
         token = (
             load_secret(config.webhook_token_file, "webhook.token_file")
             if config.webhook_token_file
             else None
         )
+        client_certs = config.tls_client_ca_file is not None
+        journal = Journal(config.state_dir / JOURNAL_NAME)
+        if token is not None or client_certs:  # the webhook may act: the journal must work
+            problem = journal.unwritable()
+            if problem is not None:
+                raise ConfigError(
+                    config.source,
+                    "state_dir",
+                    f"the failover journal cannot be written by this user (uid {os.getuid()}): "
+                    f"{problem}; give it write access to {config.state_dir} "
+                    "(hbmon.service: StateDirectory=)",
+                )
         self.guard = FailoverGuard(
             self.table,
             self.clock,
-            Journal(config.state_dir / JOURNAL_NAME),
+            journal,
             hold_down=config.failover_hold_down,
             timeout=config.failover_timeout,
         )
-        self.webhook = Webhook(self.guard, token, self._task_group)
+        self.webhook = Webhook(self.guard, token, self._task_group, client_certs=client_certs)
         self.api.extra_routes.extend(self.webhook.routes())
         self._tg: anyio.abc.TaskGroup | None = None
         self.address: tuple[str, int] | None = None
@@ -91,7 +107,8 @@ class Site:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                self.address = await tg.start(serve_http, self.api.app(), host, port)
+                serve = functools.partial(serve_http, ssl_context=self.ssl_context)
+                self.address = await tg.start(serve, self.api.app(), host, port)
                 if self.listener is not None:
                     await tg.start(self.listener.run)
                 await tg.start(self.poller.run)
@@ -117,7 +134,8 @@ class Site:
     async def reload(self, config: SiteConfig) -> None:
         """Apply a new configuration: pairs added and removed, the others keep their state.
 
-        The network key and the HTTP and UDP listen addresses are taken at start only.
+        The network key, the webhook token, the TLS files and the HTTP and UDP listen
+        addresses are taken at start only.
         """
         self.poller.configure(config)
         await self.poller.rescan(refresh=True)
@@ -148,6 +166,24 @@ async def run_daemon(site: Site, config_path: str | None = None) -> None:
     SIGHUP re-reads ``config_path``; a configuration that does not validate is logged
     and ignored, and the running one stays in force.
     """
+    try:
+        await _serve_until_signalled(site, config_path)
+    except BaseExceptionGroup as group:
+        # One failure (a port that cannot be bound, say) reaches the CLI as itself, so it
+        # becomes one line and an exit code instead of a traceback of task groups.
+        sole = _sole_error(group)
+        if isinstance(sole, HbmonError | OSError):
+            raise sole from None
+        raise
+
+
+def _sole_error(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+async def _serve_until_signalled(site: Site, config_path: str | None) -> None:
     async with anyio.create_task_group() as tg:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             await tg.start(site.run)

@@ -1,7 +1,11 @@
 """``POST /api/v1/alerts``: Alertmanager's webhook (version 4), feeding the failover guard.
 
-401 without a bearer token, 403 with a wrong one, 400 with a clear message for a body
-that is not an Alertmanager notification, 413 for a body over 1 MiB (aiohttp's limit).
+401 without a bearer token, 403 with a wrong one (compared in constant time), 400 with a
+clear message for a body that is not an Alertmanager notification, 413 for a body over
+1 MiB (aiohttp's limit).  With client certificates configured (``tls_client_ca_file``)
+every connection has already presented a verified certificate in the TLS handshake; the
+bearer token is then still required when ``[webhook] token_file`` is set, and the
+certificate alone is the credential when it is not.
 Each firing ``HbmonHostDown`` alert with a ``pair`` label goes to the guard, which
 decides on its own table; resolved and other alerts are acknowledged and ignored, so
 repeated and resolved notifications are idempotent.
@@ -20,6 +24,7 @@ import anyio.abc
 from aiohttp import web
 
 from hbmon.failover import FailoverGuard
+from hbmon.tls import peer_certificate
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +67,13 @@ class Webhook:
         guard: FailoverGuard | None,
         token: bytes | None,
         task_group: Callable[[], anyio.abc.TaskGroup],
+        *,
+        client_certs: bool = False,
     ) -> None:
         self.guard = guard
         self.token = token
         self.task_group = task_group
+        self.client_certs = client_certs
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -74,22 +82,21 @@ class Webhook:
         ]
 
     async def alerts(self, request: web.Request) -> web.Response:
-        if self.guard is None or self.token is None:
-            return _error(503, "webhook not configured: set [webhook] token_file")
-        auth = request.headers.get("Authorization", "")
-        if not auth:
-            return _error(401, "bearer token required", {"WWW-Authenticate": "Bearer"})
-        scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), self.token
-        ):
-            return _error(403, "wrong bearer token")
+        if self.guard is None or (self.token is None and not self.client_certs):
+            return _error(
+                503, "webhook not configured: set [webhook] token_file (or tls_client_ca_file)"
+            )
+        refused = self.refuse(request)
+        if refused is not None:
+            return refused
         if (request.content_length or 0) > MAX_BODY:
             return _error(413, f"body over {MAX_BODY} bytes")
         try:
             alerts = parse_notification(await request.read())
         except BadNotification as err:
             return _error(400, str(err))
+        except RecursionError:  # json.loads of "[[[[..." nested deeper than the stack
+            return _error(400, "body is not an Alertmanager notification: nested too deeply")
         decisions = []
         for alert in alerts:
             labels = alert["labels"]
@@ -103,6 +110,23 @@ class Webhook:
             decision = await self.guard.on_alert(pair, self.task_group())
             decisions.append({"alert": name, **decision.as_dict()})
         return web.json_response({"decisions": decisions})
+
+    def refuse(self, request: web.Request) -> web.Response | None:
+        """The answer to a request that lacks the webhook's credential, else None."""
+        if self.token is None:  # client certificates only
+            if peer_certificate(request.transport) is None:
+                return _error(401, "client certificate required")
+            return None
+        auth = request.headers.get("Authorization", "")
+        if not auth:
+            return _error(401, "bearer token required", {"WWW-Authenticate": "Bearer"})
+        scheme, _, given = auth.partition(" ")
+        # Header bytes that are not UTF-8 arrive as surrogates: compare them as the bytes
+        # they were, so any header is merely wrong, never an error.
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, self.token):
+            return _error(403, "wrong bearer token")
+        return None
 
     async def dry_run(self, request: web.Request) -> web.Response:
         if self.guard is None:
