@@ -191,8 +191,13 @@ class NetListener:
         if record.incarnation in row.old_incarnations or (
             record.incarnation == row.incarnation
             and row.serial is not None
-            and record.serial <= row.serial
-            and record.state == row.record_state
+            # an older serial, or the same serial without a change of state (a stopping
+            # or retired record may keep the serial); never an older serial whatever its
+            # state: a beat arriving after the stopping record must not revive the row
+            and (
+                record.serial < row.serial
+                or (record.serial == row.serial and record.state == row.record_state)
+            )
         ):
             raise Rejected("replay", f"serial {record.serial} of {record.incarnation:#x} seen")
         pair = self.table.pairs[record.pair_id]
