@@ -29,7 +29,7 @@ from hbmon.clock import Clock
 from hbmon.config import parse_hostport
 from hbmon.errors import ConfigError, RecordError
 from hbmon.record import RECORD_SIZE, Record, decode
-from hbmon.status import StatusTable
+from hbmon.status import PathRow, StatusTable
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,22 @@ class NetListener:
                     self.table.net_rejected["malformed"] += 1
                     log.exception("datagram from %s could not be handled", addr)
 
+    def _in_window(self, record: Record, row: PathRow, now: float, wall: float) -> bool:
+        """Whether a writer not seen before (first contact, a new incarnation) carries a
+        plausible time: within ``max_skew`` of our wall clock, or of the writer's own
+        clock as last seen, advanced on our monotonic clock.
+
+        A captured datagram replayed later fails both.  The datagrams of the writer
+        already beating are not judged by time at all (a higher serial of the current
+        incarnation proves them new), so a step of either wall clock changes nothing.
+        """
+        if abs(record.writer_time - wall) <= self.max_skew:
+            return True
+        if row.writer_time is None or row.last_read is None:
+            return False
+        theirs = row.writer_time + (now - row.last_read)
+        return abs(record.writer_time - theirs) <= self.max_skew
+
     def handle(self, data: bytes) -> str:
         """Take one datagram; returns what it was (raises :class:`Rejected`)."""
         kind, record = decode_datagram(self.key, data)
@@ -183,7 +199,7 @@ class NetListener:
         if self.drop(record):
             return "dropped"
         now, wall = self.clock.monotonic(), self.clock.wall()
-        if abs(record.writer_time - wall) > self.max_skew:
+        if record.incarnation != row.incarnation and not self._in_window(record, row, now, wall):
             raise Rejected(
                 "out_of_window",
                 f"writer time {record.writer_time - wall:+.0f} s from ours (max {self.max_skew:g})",
