@@ -171,7 +171,7 @@ class Tally:
             f"marker at kill {dict(self.phases)}; thread inside a write syscall at kill "
             f"{dict(self.in_syscall)}; slot after kill {dict(self.outcome)}; "
             f"{self.written} records written by {len(self.incarnations)} incarnations; "
-            f"live O_DIRECT reads {self.live_reads}, of which torn by a racing write "
+            f"live reads (O_DIRECT on a device) {self.live_reads}, torn by a racing write "
             f"{self.live_torn}"
         )
 
@@ -299,18 +299,18 @@ class Zygote:
             self.proc.stdout.close()
 
 
-def _aim_at(zygote: Zygote, pid: int, aim: str, skip: int) -> None:
+def _aim_at(zygote: Zygote, pid: int, aim: str, skip: int) -> bool:
     """Spin until the writer is inside ``aim`` during a write after its first ``skip``:
-    ``write_slot`` (the marker says so) or a syscall (``/proc`` says so)."""
+    ``write_slot`` (the marker says so) or a syscall (``/proc`` says so).  False when it
+    was not caught within 2 s (a device so fast that the syscall is never seen)."""
     deadline = time.monotonic() + 2.0
-    while True:
+    while time.monotonic() < deadline:
         phase, _inc, _serial, started, _done, _written = zygote.marker_state()
         if started > skip and (
             (aim == "write_slot" and phase == 1) or _in_write_syscall(pid) == aim
         ):
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"the writer never reached {aim} (marker phase {phase})")
+            return True
+    return False
 
 
 def _kill_rounds(
@@ -330,8 +330,8 @@ def _kill_rounds(
             if aim is not None and not X86_64:
                 aim = "write_slot"
             if aim is not None:
-                _aim_at(zygote, pid, aim, rng.randrange(3))
-                tally.aimed[aim] += 1
+                caught = _aim_at(zygote, pid, aim, rng.randrange(3))
+                tally.aimed[aim if caught else f"{aim} (missed)"] += 1
             deadline = time.monotonic() + rng.uniform(0.0, MAX_DELAY)
             while aim is None and time.monotonic() < deadline:  # read as a poller would
                 data = slot.read()
@@ -412,6 +412,7 @@ def test_sigkilled_writer_leaves_old_or_new_record_on_a_loop_device(
     print(tally.report(f"loop device {dev}", SEED, time.monotonic() - start))
     _check(tally, reader, ROUNDS["loop"])
     assert tally.live_reads > 0
+    assert tally.phases["in_write_slot"] > 0, "no kill landed while a record was written"
 
 
 def test_sigkilled_writer_leaves_old_or_new_record_in_a_file(tmp_path: Path) -> None:
