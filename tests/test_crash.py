@@ -73,8 +73,15 @@ PHASES = {0: "before_first_write", 1: "in_write_slot", 2: "between_writes", 3: "
 
 # The resident writer: imports hbmon once, then forks one real Beater per "go" line.
 ZYGOTE = r"""
-import mmap, os, struct, sys
+import ctypes, mmap, os, signal, struct, sys
 from pathlib import Path
+
+
+def die_with_parent():  # never outlive the test, whatever happens to it
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+die_with_parent()
 
 import anyio
 
@@ -96,6 +103,7 @@ anyio.run(warm_up)
 
 
 def child():
+    die_with_parent()
     fd = os.open(marker, os.O_RDWR)
     mark = mmap.mmap(fd, MARK.size)
     real_write, real_sync = beater.write_slot, beater.sync_files
@@ -257,6 +265,7 @@ class Zygote:
                 stdout=subprocess.PIPE,
                 stderr=err,
             )
+        self.child: int | None = None
         fd = os.open(self.marker, os.O_RDWR)
         try:
             self.mark = mmap.mmap(fd, _MARK.size)
@@ -276,17 +285,22 @@ class Zygote:
         assert stdin is not None
         stdin.write(b"go\n")
         stdin.flush()
-        return self._line()
+        self.child = self._line()
+        return self.child
 
     def reap(self) -> int:
         """The wait status of the child just killed (once the zygote has reaped it)."""
-        return self._line()
+        status = self._line()
+        self.child = None
+        return status
 
     def marker_state(self) -> tuple[int, int, int, int, int, int]:
         phase, inc, serial, started, done, written = _MARK.unpack(self.mark[:])
         return phase, inc, serial, started, done, written
 
     def close(self) -> None:
+        if self.child is not None:  # a test failed while a writer ran
+            os.kill(self.child, signal.SIGKILL)
         self.mark.close()
         if self.proc.stdin is not None:
             self.proc.stdin.close()
