@@ -27,7 +27,7 @@ from hbmon.clock import Clock
 from hbmon.config import check_private, parse_hostport
 from hbmon.errors import ConfigError, RecordError
 from hbmon.record import RECORD_SIZE, Record, decode
-from hbmon.status import StatusTable
+from hbmon.status import PathRow, StatusTable
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,22 @@ class NetListener:
                     self.table.net_rejected["malformed"] += 1
                     log.exception("datagram from %s could not be handled", addr)
 
+    def _in_window(self, record: Record, row: PathRow, now: float, wall: float) -> bool:
+        """Whether a writer not seen before (first contact, a new incarnation) carries a
+        plausible time: within ``max_skew`` of our wall clock, or of the writer's own
+        clock as last seen, advanced on our monotonic clock.
+
+        A captured datagram replayed later fails both.  The datagrams of the writer
+        already beating are not judged by time at all (a higher serial of the current
+        incarnation proves them new), so a step of either wall clock changes nothing.
+        """
+        if abs(record.writer_time - wall) <= self.max_skew:
+            return True
+        if row.writer_time is None or row.last_read is None:
+            return False
+        theirs = row.writer_time + (now - row.last_read)
+        return abs(record.writer_time - theirs) <= self.max_skew
+
     def handle(self, data: bytes) -> str:
         """Take one datagram; returns what it was (raises :class:`Rejected`)."""
         kind, record = decode_datagram(self.key, data)
@@ -175,7 +191,7 @@ class NetListener:
         if self.drop(record):
             return "dropped"
         now, wall = self.clock.monotonic(), self.clock.wall()
-        if abs(record.writer_time - wall) > self.max_skew:
+        if record.incarnation != row.incarnation and not self._in_window(record, row, now, wall):
             raise Rejected(
                 "out_of_window",
                 f"writer time {record.writer_time - wall:+.0f} s from ours (max {self.max_skew:g})",
@@ -183,8 +199,13 @@ class NetListener:
         if record.incarnation in row.old_incarnations or (
             record.incarnation == row.incarnation
             and row.serial is not None
-            and record.serial <= row.serial
-            and record.state == row.record_state
+            # an older serial, or the same serial without a change of state (a stopping
+            # or retired record may keep the serial); never an older serial whatever its
+            # state: a beat arriving after the stopping record must not revive the row
+            and (
+                record.serial < row.serial
+                or (record.serial == row.serial and record.state == row.record_state)
+            )
         ):
             raise Rejected("replay", f"serial {record.serial} of {record.incarnation:#x} seen")
         pair = self.table.pairs[record.pair_id]

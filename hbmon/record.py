@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 import struct
 import zlib
 from typing import NamedTuple
@@ -41,6 +42,9 @@ _CRC = struct.Struct("<I")
 _CRC_OFFSET = _LAYOUT.size  # 124
 assert _CRC_OFFSET + _CRC.size == RECORD_SIZE
 _ZERO = bytes(RECORD_SIZE)
+_U32 = 2**32 - 1
+_U64 = 2**64 - 1
+_MAX_TIME = 2**63 / 1e9  # seconds: the float nearest to the largest int64 of nanoseconds
 
 #: Every way a slot can fail to hold the record a reader expects.
 REASONS = (
@@ -78,18 +82,41 @@ class Record(NamedTuple):
     state: State = State.ACTIVE
 
     def encode(self) -> bytes:
-        """The 128 bytes of this record, checksum included."""
+        """The 128 bytes of this record, checksum included.
+
+        Raises ValueError, naming the field, for a value the format cannot carry: a
+        record that readers would reject is never produced.
+        """
         ident = self.pair_id.encode()
         check_pair_id(self.pair_id)
+        scaled = self.interval * 1000
+        interval_ms = round(scaled) if math.isfinite(scaled) else 0
+        if not 1 <= interval_ms <= _U32:
+            raise ValueError(
+                f"interval {self.interval!r} s must be 0.001 to {_U32 / 1000:.0f} s "
+                "(whole milliseconds)"
+            )
+        if not (0 <= self.incarnation <= _U64 and 0 <= self.serial <= _U64):
+            raise ValueError(
+                f"incarnation {self.incarnation} and serial {self.serial} must be "
+                "unsigned 64-bit integers"
+            )
+        if not abs(self.writer_time) <= _MAX_TIME:  # NaN fails this too
+            raise ValueError(
+                f"writer_time {self.writer_time!r} s is outside the record's range "
+                f"(±{_MAX_TIME} s from 1970, years 1677 to 2262)"
+            )
+        # The float nearest to the last nanosecond rounds one past it: clamp.
+        time_ns = min(max(round(self.writer_time * 1e9), -(2**63)), 2**63 - 1)
         body = _LAYOUT.pack(
             MAGIC,
             VERSION,
             int(self.state),
             0,
-            round(self.interval * 1000),
+            interval_ms,
             self.incarnation,
             self.serial,
-            round(self.writer_time * 1e9),
+            time_ns,
             len(ident),
             ident,
             b"",
@@ -165,6 +192,8 @@ def decode(data: bytes | bytearray | memoryview, expected_id: str | None = None)
             pair_id = raw_id.decode()
         except UnicodeDecodeError:
             raise RecordError("malformed", "pair id is not UTF-8") from None
+        if not pair_id.isprintable():  # no writer writes it (check_pair_id); no terminal shows it
+            raise RecordError("malformed", f"pair id {pair_id!r} is not printable text")
     if interval_ms == 0:
         raise RecordError("malformed", "declared interval is 0 ms")
     if expected_id is not None and pair_id != expected_id:

@@ -42,6 +42,8 @@ def parse_notification(body: bytes) -> list[dict[str, Any]]:
         doc = json.loads(body)
     except ValueError as err:
         raise BadNotification(f"body is not JSON: {err}") from None
+    except RecursionError:  # "[[[[..." a million deep fits in the 1 MiB body limit
+        raise BadNotification("body is not an Alertmanager notification: nested too deep") from None
     if not isinstance(doc, dict):
         raise BadNotification("body must be a JSON object (an Alertmanager notification)")
     if doc.get("version") != "4":
