@@ -13,11 +13,13 @@ port it was not given stop it at start with a message that names them.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -173,14 +175,29 @@ def status_fields(pid: int) -> dict[str, str]:
     return fields
 
 
+def restore_devices(before: dict[str, os.stat_result]) -> None:
+    for dev, st in before.items():
+        os.chown(dev, st.st_uid, st.st_gid)
+        os.chmod(dev, stat.S_IMODE(st.st_mode))
+
+
 def test_runs_unprivileged_with_only_its_volume_journal_and_port(
-    nobody: pwd.struct_passwd, workdir: Path, loopdev_factory: LoopdevFactory
+    nobody: pwd.struct_passwd,
+    workdir: Path,
+    loopdev_factory: LoopdevFactory,
+    request: pytest.FixtureRequest,
 ) -> None:
     _, mine = loopdev_factory()
     other_image, other = loopdev_factory()
     pwrite_sync(other_image, 0, record_block("db2", 0x22, 1, 0.2, size=4096))
-    give(mine, nobody, 0o600)  # its volume; the other stays root:disk 0660
-    assert os.stat(other).st_uid == 0
+    # Device nodes keep their owner across detach and attach: set both explicitly, and
+    # give them back as they were afterwards.
+    disk_gid = grp.getgrnam("disk").gr_gid if "disk" in {g.gr_name for g in grp.getgrall()} else 0
+    before = {dev: os.stat(dev) for dev in (mine, other)}
+    request.addfinalizer(lambda: restore_devices(before))
+    give(mine, nobody, 0o600)  # its volume
+    os.chown(other, 0, disk_gid)  # not its volume: root:disk 0660
+    os.chmod(other, 0o660)
     state = workdir / "state"
     state.mkdir()
     give(state, nobody, 0o700)
@@ -276,10 +293,15 @@ def run_nobody(config: Path, work: Path, *extra: str) -> subprocess.CompletedPro
 
 
 def test_what_it_was_not_given_stops_it_at_start(
-    nobody: pwd.struct_passwd, workdir: Path, loopdev_factory: LoopdevFactory
+    nobody: pwd.struct_passwd,
+    workdir: Path,
+    loopdev_factory: LoopdevFactory,
+    request: pytest.FixtureRequest,
 ) -> None:
     _, mine = loopdev_factory()
     _, other = loopdev_factory()
+    before = {mine: os.stat(mine)}
+    request.addfinalizer(lambda: restore_devices(before))
     give(mine, nobody, 0o600)
     token = workdir / "webhook.token"
     token.write_text(TOKEN + "\n")
