@@ -9,17 +9,19 @@ prometheus-client through :func:`hbmon.metrics.site_registry`.  The output is th
 Prometheus text format; tests check it parses to exactly what
 :class:`hbmon.metrics.PairCollector` produces, and ``promtool check metrics`` accepts it.
 
-:meth:`Renderer.render_async` only reads the table; it formats on the event loop in slices
-of ``CHUNK`` pairs so the poll loop runs between them; the loop's timers keep every state
-current.  After a large page the C heap is trimmed, so a 25 MB render every second does not
-leave its high-water mark in the process.
+:meth:`Renderer.stream` only reads the table; it formats on the event loop in slices of
+``CHUNK`` pairs so the poll loop runs between them (the loop's timers keep every state
+current), and hands the page over in pieces of at most ``PIECE`` lines, so a 16 MB page
+never exists as one string, one bytes object and a copy at once.  After a large page
+the C heap is trimmed, so a render every second does not leave its high-water mark in
+the process.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 
 import anyio
 import anyio.lowlevel
@@ -90,6 +92,7 @@ class _PairText:
 
 
 CHUNK = 500  # pairs formatted between two pauses of render_async (a few milliseconds)
+PIECE = 2000  # lines per piece handed to the HTTP response
 TRIM_ABOVE = 4 << 20  # bytes of body after which the C heap is given back to the system
 
 
@@ -141,33 +144,31 @@ class Renderer:
 
     def render(self, inputs: Inputs) -> bytes:
         """The whole page at once (it only reads the table)."""
-        steps = self.steps(inputs)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                body: bytes = done.value
-                return body
+        return b"".join(piece for piece in self.steps(inputs) if piece is not None)
 
-    async def render_async(self, inputs: Inputs) -> bytes:
-        """The whole page, on the event loop, letting other tasks run every ``CHUNK`` pairs.
+    async def stream(self, inputs: Inputs) -> AsyncIterator[bytes]:
+        """The page in pieces, formatted on the event loop, letting other tasks run
+        every ``CHUNK`` pairs.
 
         Formatting holds the GIL whichever thread does it; done here in slices of a few
         milliseconds, the poll loop waits at most one slice instead of a whole render.
         """
-        steps = self.steps(inputs)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                body: bytes = done.value
-                if len(body) > TRIM_ABOVE:
-                    trim_heap()
-                return body
-            await anyio.lowlevel.checkpoint()
+        size = 0
+        for piece in self.steps(inputs):
+            if piece is None:
+                await anyio.lowlevel.checkpoint()
+            else:
+                size += len(piece)
+                yield piece
+        if size > TRIM_ABOVE:
+            trim_heap()
 
-    def steps(self, inputs: Inputs) -> Generator[None, None, bytes]:
-        """Render, pausing (yielding) every ``CHUNK`` pairs; returns the body."""
+    async def render_async(self, inputs: Inputs) -> bytes:
+        """The whole page from :meth:`stream`, as one bytes object."""
+        return b"".join([piece async for piece in self.stream(inputs)])
+
+    def steps(self, inputs: Inputs) -> Generator[bytes | None, None, None]:
+        """Render: yields None to pause (every ``CHUNK`` pairs), then the page in pieces."""
         now = self.table.clock.monotonic()
         pairs_text = self._pairs
         age: list[str] = []
@@ -183,7 +184,7 @@ class Renderer:
         verdict: list[str] = []
         for count, (pair, items) in enumerate(inputs, 1):
             if not count % CHUNK:
-                yield
+                yield None
             ptext = pairs_text.get(pair.id) or _PairText(pair.id)
             verdict.append(ptext.verdict_block(pair.verdict))
             skew_value: float | None = None
@@ -219,7 +220,6 @@ class Renderer:
                         errors.append(f'{{{ptext.label},reason="{reason}"}} {count}.0\n')
             if skew_value is not None:
                 skew.append(f"{{{ptext.label}}} {skew_value!r}\n")
-        parts: list[str] = []
         for key, lines, prefixed in (
             ("age", age, True),
             ("last", last, True),
@@ -233,10 +233,9 @@ class Renderer:
             ("warning", warning, True),
             ("undead", undead, True),
         ):
-            parts.append(_head(key))
-            if prefixed:
-                name = _sample(key)
-                parts.append(name + name.join(lines) if lines else "")
-            else:
-                parts.append("".join(lines))
-        return "".join(parts).encode() + generate_latest(self.site)
+            yield _head(key).encode()
+            name = _sample(key) if prefixed else ""
+            for i in range(0, len(lines), PIECE):
+                yield (name + name.join(lines[i : i + PIECE])).encode()
+            lines.clear()  # given back as the page goes out
+        yield generate_latest(self.site)

@@ -76,13 +76,18 @@ class HttpApi:
         app.router.add_routes(self.extra_routes)
         return app
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
         # Formatted on the loop in slices, with polling running between them: a thread
         # would hold the GIL just as long, and each thread's malloc arena would keep the
-        # high-water mark of a 25 MB render.  One scrape at a time.
+        # high-water mark of a large render.  Sent in pieces as they are made (chunked),
+        # so the page is never whole in memory.  One scrape at a time.
         async with self.render_limiter:
-            body = await self.renderer.render_async(self.renderer.inputs())
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+            response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+            await response.prepare(request)
+            async for piece in self.renderer.stream(self.renderer.inputs()):
+                await response.write(piece)
+            await response.write_eof()
+        return response
 
     async def status_html(self, request: web.Request) -> web.Response:
         return web.Response(

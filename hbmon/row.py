@@ -8,7 +8,7 @@ for operators in docs/config.md.
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 
 from hbmon.config import Timing
@@ -80,7 +80,8 @@ class PathRow:
     beats_seen: int = 0
     restarts: int = 0
     errors: Counter[str] = field(default_factory=Counter)
-    old_incarnations: deque[int] = field(default_factory=lambda: deque(maxlen=_KEEP_INCARNATIONS))
+    old_incarnations: tuple[int, ...] = ()  # replaced writers, newest last (a tuple: 10,000
+    # rows of deque(maxlen=...) would cost 6 MiB for what is almost always empty)
     note: str = ""
     quiet_until: float = 0.0  # no change of state or missed count before this (see next_change)
     timer: float = math.inf  # when this row's entry in the table's timer heap falls due
@@ -134,7 +135,8 @@ class PathRow:
                 self.note = f"old incarnation {rec.incarnation:#x} wrote again (undead writer)"
                 return "undead"
             if self.incarnation != 0:  # 0 is the install record, not a writer
-                self.old_incarnations.append(self.incarnation)
+                kept = (*self.old_incarnations, self.incarnation)
+                self.old_incarnations = kept[-_KEEP_INCARNATIONS:]
                 self.restarts += 1
             self.undead = False  # a fresh start (a rebooted or fenced host) clears it
             self._beat(rec, now, wall)

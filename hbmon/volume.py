@@ -37,7 +37,7 @@ FILE_READ_SIZE = 512
 NOWAIT_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs"})
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Volume:
     """An open heartbeat volume."""
 
