@@ -362,6 +362,7 @@ def net_events(draw: st.DrawFn) -> tuple[float, bytes]:
 
 @settings(PROPS, max_examples=max(50, EXAMPLES // 2))  # 30 datagrams an example
 @given(events=st.lists(net_events(), min_size=1, max_size=30))
+@example(events=[(0.0, encode_datagram(KEY, BEAT, Record("db1", 1, 1, 9.2e9, 1.0)))])  # far end
 @example(
     events=[  # a late (reordered or replayed) beat after the writer's stopping record
         (0.0, encode_datagram(KEY, BEAT, Record("db1", 1, 5, 0.0, 1.0))),
