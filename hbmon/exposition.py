@@ -57,6 +57,10 @@ class _RowText:
         self.states: dict[str, tuple[str, str, str, str]] = {}
         self.missed: tuple[int, str] = (-1, "")  # changes rarely: kept with its value
 
+    def missed_line(self, value: int) -> str:
+        self.missed = (value, f"{{{self.labels}}} {value}.0\n")
+        return self.missed[1]
+
     def state_lines(self, state: str) -> tuple[str, str, str, str]:
         """The nine 0/1 lines of ``hbmon_heartbeat_state``, the ``up`` line, and the two
         possible ``undead`` lines."""
@@ -182,44 +186,55 @@ class Renderer:
         skew: list[str] = []
         errors: list[str] = []
         verdict: list[str] = []
-        for count, (pair, items) in enumerate(inputs, 1):
-            if not count % CHUNK:
-                yield None
-            ptext = pairs_text.get(pair.id) or _PairText(pair.id)
-            verdict.append(ptext.verdict_block(pair.verdict))
-            skew_value: float | None = None
-            for row, text in items:
-                lb = text.labels
-                lc = row.last_change
-                if lc is not None:
-                    age.append(f"{{{lb}}} {now - lc if now > lc else 0.0:.6f}\n")
-                wt = row.writer_time
-                if wt is not None:
-                    last.append(f"{{{lb}}} {wt!r}\n")
-                sn = row.serial
-                if sn is not None:
-                    serial.append(f"{{{lb}}} {sn}.0\n")
-                mt = row.missed_total
-                if text.missed[0] != mt:
-                    text.missed = (mt, f"{{{lb}}} {mt}.0\n")
-                missed.append(text.missed[1])
-                fixed = text.states.get(row.state) or text.state_lines(row.state)
-                state.append(fixed[0])
-                up.append(fixed[1])
-                undead.append(fixed[3] if row.undead else fixed[2])
-                t = row.timing
-                if row.slowest_read >= (
-                    t.miss_threshold - 1
-                ) * t.interval or row.declared_interval not in (None, t.interval):
-                    for w in row.timing_warnings():
-                        warning.append(f'{{{lb},warning="{w}"}} 1.0\n')
-                if row.skew is not None and (skew_value is None or row.path == "volume"):
-                    skew_value = row.skew
-                if row.errors and row.path == "volume":
-                    for reason, count in sorted(list(row.errors.items())):
-                        errors.append(f'{{{ptext.label},reason="{reason}"}} {count}.0\n')
-            if skew_value is not None:
-                skew.append(f"{{{ptext.label}}} {skew_value!r}\n")
+        for first in range(0, len(inputs), CHUNK):
+            if first:
+                yield None  # a pause: the poll loop runs
+            chunk = inputs[first : first + CHUNK]
+            # The moving values of every row, one family at a time (comprehensions are
+            # about twice as fast as appending row by row).
+            rows = [item for _, items in chunk for item in items]
+            age += [
+                f"{{{t.labels}}} {now - r.last_change if now > r.last_change else 0.0:.6f}\n"
+                for r, t in rows
+                if r.last_change is not None
+            ]
+            last += [
+                f"{{{t.labels}}} {r.writer_time!r}\n" for r, t in rows if r.writer_time is not None
+            ]
+            serial += [f"{{{t.labels}}} {r.serial}.0\n" for r, t in rows if r.serial is not None]
+            missed += [
+                t.missed[1] if t.missed[0] == r.missed_total else t.missed_line(r.missed_total)
+                for r, t in rows
+            ]
+            blocks = [t.states.get(r.state) or t.state_lines(r.state) for r, t in rows]
+            state += [b[0] for b in blocks]
+            up += [b[1] for b in blocks]
+            undead += [b[3] if r.undead else b[2] for b, (r, _) in zip(blocks, rows, strict=True)]
+            verdict += [
+                (pairs_text.get(pair.id) or _PairText(pair.id)).verdict_block(pair.verdict)
+                for pair, _ in chunk
+            ]
+            # What is rare: timing warnings, read errors, clock skew.
+            for pair, items in chunk:
+                skew_value: float | None = None
+                label = ""
+                for row, text in items:
+                    t = row.timing
+                    if row.slowest_read >= (
+                        t.miss_threshold - 1
+                    ) * t.interval or row.declared_interval not in (None, t.interval):
+                        lb = text.labels
+                        for w in row.timing_warnings():
+                            warning.append(f'{{{lb},warning="{w}"}} 1.0\n')
+                    if row.skew is not None and (skew_value is None or row.path == "volume"):
+                        skew_value = row.skew
+                    if row.errors and row.path == "volume":
+                        label = label or (pairs_text.get(pair.id) or _PairText(pair.id)).label
+                        for reason, count in sorted(list(row.errors.items())):
+                            errors.append(f'{{{label},reason="{reason}"}} {count}.0\n')
+                if skew_value is not None:
+                    label = label or (pairs_text.get(pair.id) or _PairText(pair.id)).label
+                    skew.append(f"{{{label}}} {skew_value!r}\n")
         for key, lines, prefixed in (
             ("age", age, True),
             ("last", last, True),
