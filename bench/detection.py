@@ -128,7 +128,8 @@ def one_run(tmp: Path, n: int, window: float, seed: int) -> tuple[list[float], l
     config = site_config(
         tmp,
         port,
-        f'interval = "{INTERVAL:g}s"\nmiss_threshold = {MISS_THRESHOLD}\n\n'
+        f'interval = "{INTERVAL:g}s"\nmiss_threshold = {MISS_THRESHOLD}\n'
+        "log_changes = 0\n\n"  # every change logged: the log is what is measured
         f'[[watch_glob]]\npattern = "{folder}/*.vol"\nmethod = "volume"\n',
     )
     log = tmp / f"hbmon-{seed}.stderr"

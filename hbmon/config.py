@@ -118,6 +118,7 @@ class SiteConfig:
     timing: Timing = field(default_factory=Timing)
     method: str = "both"
     io_threads: int = 8
+    log_changes: int = 50  # state changes logged one by one per second (0: all)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     webhook_token_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -199,6 +200,12 @@ def _slot(value: Any) -> int:
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number of at least 0, got {value!r}")
     return value
 
 
@@ -336,6 +343,7 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
         timing=timing,
         method=method,
         io_threads=top.get("io_threads", _positive_int, 8),
+        log_changes=top.get("log_changes", _non_negative_int, 50),
         network=network,
         webhook_token_file=token_file,
         tls_cert_file=top.get("tls_cert_file", as_path, None),

@@ -33,6 +33,7 @@ read_timeout = "2s"
 grace = "10s"
 method = "both"
 io_threads = 16
+log_changes = 0
 
 [network]
 listen = "0.0.0.0:9798"
@@ -113,6 +114,7 @@ def test_full_example(tmp_path: Path) -> None:
     assert config.listen == "127.0.0.1:9799"
     assert config.method == "both"
     assert config.io_threads == 16
+    assert config.log_changes == 0
     top = Timing(interval=1.0, miss_threshold=3, recover_beats=2, read_timeout=2.0, grace=10.0)
     assert config.timing == top
     assert config.network == NetworkConfig("0.0.0.0:9798", Path("/etc/hbmon/hb.key"))
@@ -209,6 +211,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.timing.startup_grace == 4.0  # (miss_threshold + 1) * interval
     assert config.method == "both"
     assert config.io_threads == 8
+    assert config.log_changes == 50
     assert config.network == NetworkConfig()
     assert config.webhook_token_file is None
     assert config.beats == config.watches == config.watch_globs == ()
@@ -391,6 +394,7 @@ def test_miss_threshold_one_says_why(tmp_path: Path) -> None:
     [
         (MINIMAL + "recover_beats = 0\n", "recover_beats"),
         (MINIMAL + "io_threads = 0\n", "io_threads"),
+        (MINIMAL + "log_changes = -1\n", "log_changes"),
         (MINIMAL + 'listen = "localhost"\n', "listen"),
         (MINIMAL + 'listen = "localhost:http"\n', "listen"),
         (MINIMAL + 'state_dir = ""\n', "state_dir"),
