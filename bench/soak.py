@@ -75,11 +75,12 @@ def free_port_pair() -> int:
     raise SystemExit("no two adjacent free TCP ports")
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise OSError(f"no VmRSS for pid {pid}")
+def proc_status(pid: int) -> tuple[float, int]:
+    """(VmRSS in MiB, threads) of a process."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["Threads"])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -126,6 +127,7 @@ class Scraper:
     durations: list[float] = field(default_factory=list)
     lags: list[float] = field(default_factory=list)
     rss: list[tuple[float, float]] = field(default_factory=list)
+    threads: list[int] = field(default_factory=list)
     max_stuck: float = 0.0
     _done: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -142,7 +144,9 @@ class Scraper:
         next_at = time.monotonic()
         while not self._done.is_set():
             try:
-                self.rss.append((time.monotonic(), rss_mib(self.pid)))
+                rss, threads = proc_status(self.pid)
+                self.rss.append((time.monotonic(), rss))
+                self.threads.append(threads)
             except OSError:
                 pass
             verdicts: dict[str, str] = {}
@@ -448,6 +452,10 @@ class Soak:
             "rss_start_mib": round(points[0][1], 1) if points else None,
             "rss_end_mib": round(points[-1][1], 1) if points else None,
             "rss_growth_mib": None if growth is None else round(growth, 2),
+            "rss_each_minute_mib": [round(v, 1) for _, v in points[::60]],
+            "threads_start_end": [scraper.threads[0], scraper.threads[-1]]
+            if scraper.threads
+            else None,
             "rss_slope_mib_per_hour": None if slope is None else round(slope, 2),
             "cpu_percent": round(cpu, 1),
             "bad_log_lines": len(bad),
