@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
             "cut-link",
             "partition",
             "corrupt",
+            "hang-read",
+            "truncate",
             "heal",
         ],
     )

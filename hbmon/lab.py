@@ -11,12 +11,15 @@ in production:
 ``cut-link [PAIR]``         the remote copy stops (for one pair or all)
 ``partition [PAIR]``        network beats are dropped (for one pair or all)
 ``corrupt PAIR``            the SVOL record is damaged
+``hang-read PAIR``          the watcher's reads of PAIR's SVOL block (a FIFO nobody writes)
+``truncate PAIR``           the SVOL file ends inside PAIR's slot (later slots are cut too)
 ``heal``                    all of the above undone; killed hosts restart
 ==========================  =========================================================
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -41,6 +44,8 @@ ACTIONS = {
     "cut-link": "optional",
     "partition": "optional",
     "corrupt": "pair",
+    "hang-read": "pair",
+    "truncate": "pair",
     "heal": "none",
 }
 DEMO_GLOB = "hbmon-demo-*"
@@ -58,6 +63,7 @@ class Lab:
     frozen: set[str] = field(default_factory=set)
     partitioned: set[str] = field(default_factory=set)
     partition_all: bool = False
+    hung: dict[str, tuple[Site, str, int]] = field(default_factory=dict)  # pair -> SVOL slot
 
     def __post_init__(self) -> None:
         for site in self.sites:
@@ -66,6 +72,9 @@ class Lab:
 
     def _dropped(self, pair: str) -> bool:
         return self.partition_all or pair in self.partitioned
+
+    def _watcher(self, pair: str) -> Site:
+        return next(s for s in self.sites if pair in s.table.pairs)
 
     def _site(self, pair: str | None) -> Site:
         if pair is None or pair not in self.writers:
@@ -109,7 +118,41 @@ class Lab:
         if action == "corrupt":
             await self.mirror.corrupt(str(pair))
             return f"SVOL record of {pair} corrupted; copies for it stopped"
+        if action == "hang-read":
+            return self._hang(str(pair))
+        if action == "truncate":
+            await self.mirror.truncate(str(pair))
+            return f"SVOL file cut inside the slot of {pair}; copies for it stopped"
         return self.heal()
+
+    def _hang(self, pair: str) -> str:
+        """Point the watcher's poller at a FIFO that nobody writes: opening it for reading
+        blocks a worker thread, as a read of a dead device would."""
+        site = self._watcher(pair)
+        if pair in self.hung or pair not in site.poller.targets:
+            return f"reads of {pair} already hang"
+        target, spec = site.poller.targets[pair], site.table.pairs[pair]
+        fifo = Path(target.path).with_name(f"hung-{pair}.fifo")
+        with contextlib.suppress(FileExistsError):
+            os.mkfifo(fifo, 0o600)
+        self.hung[pair] = (site, target.path, target.slot)
+        args = (spec.method, spec.timing, spec.failover, spec.failover_single_path)
+        site.poller.watch(pair, str(fifo), 0, *args)
+        return f"reads of {pair} by {site.config.site} hang (volume {fifo})"
+
+    def _unhang(self) -> None:
+        for pair, (site, path, slot) in self.hung.items():
+            fifo = Path(path).with_name(f"hung-{pair}.fifo")
+            spec = site.table.pairs[pair]
+            args = (spec.method, spec.timing, spec.failover, spec.failover_single_path)
+            site.poller.watch(pair, path, slot, *args)  # back on the SVOL
+            # A writer releases the worker blocked opening the FIFO (its read then fails
+            # and is discarded: the target is gone); once unlinked nobody can block on it.
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+                os.unlink(fifo)
+                os.close(fd)
+        self.hung.clear()
 
     def heal(self) -> str:
         for pair in self.frozen:
@@ -121,6 +164,7 @@ class Lab:
         self.killed.clear()
         self.partitioned.clear()
         self.partition_all = False
+        self._unhang()
         self.mirror.heal()
         return f"healed: link and network restored, {restarted} killed host(s) restarted"
 
@@ -143,6 +187,7 @@ class Lab:
                 "partitioned": "all" if self.partition_all else sorted(self.partitioned),
                 "cut": "all" if self.mirror.cut_all else sorted(self.mirror.cut),
                 "corrupted": sorted(self.mirror.corrupted),
+                "hung": sorted(self.hung),
             }
         )
 

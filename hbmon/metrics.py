@@ -154,6 +154,11 @@ class SiteCollector(Collector):
         for reason in sorted({*REJECT_REASONS, *table.net_rejected}):
             rejected.add_metric([reason], table.net_rejected[reason])
         yield rejected
+        yield CounterMetricFamily(
+            "hbmon_network_receive_dropped",
+            "Datagrams the kernel dropped because the UDP receive buffer was full",
+            value=table.net_dropped,
+        )
 
         hist = HistogramMetricFamily(
             "hbmon_volume_read_duration_seconds", "Per-read latency, all volumes"
@@ -164,6 +169,13 @@ class SiteCollector(Collector):
         yield GaugeMetricFamily(
             "hbmon_poll_lag_seconds", "How late the poll scheduler runs", value=table.poll_lag
         )
+        ticks = HistogramMetricFamily(
+            "hbmon_poll_tick_lag_seconds", "How late each poll-scheduler tick ran"
+        )
+        lags = table.lag_histogram
+        buckets = [(_bound(b), float(c)) for b, c in lags.cumulative()]
+        ticks.add_metric([], buckets, sum_value=lags.total)
+        yield ticks
         yield GaugeMetricFamily(
             "hbmon_workers_stuck",
             "I/O workers blocked past their deadline",

@@ -81,6 +81,11 @@ def corrupt_slot(link: Link, files: FileCache) -> None:
     os.pwrite(fd, bytes(block), offset)
 
 
+def truncate_slot(link: Link, files: FileCache) -> None:
+    """Cut the SVOL file in the middle of the record (a LUN resized under the reader)."""
+    os.ftruncate(files.fd(link.svol), link.slot * SLOT_SIZE + RECORD_SIZE // 2)
+
+
 class RemoteCopy:
     """Copies PVOL writes to SVOLs after ``lag`` seconds; see the module docstring."""
 
@@ -108,6 +113,12 @@ class RemoteCopy:
         self.corrupted.add(pair)
         await anyio.to_thread.run_sync(
             corrupt_slot, self.links[pair], self._files, limiter=self._limiter
+        )
+
+    async def truncate(self, pair: str) -> None:
+        self.corrupted.add(pair)
+        await anyio.to_thread.run_sync(
+            truncate_slot, self.links[pair], self._files, limiter=self._limiter
         )
 
     def heal(self) -> None:

@@ -369,6 +369,7 @@ class Poller:
         if lag >= 0:
             self.table.poll_lag = max(lag, 0.0)
             self.table.lag_samples.append(self.table.poll_lag)
+            self.table.lag_histogram.observe(self.table.poll_lag)
         self.table.workers_stuck = sum(
             1 for t in self.pool.stuck(0.0) if now - t.submitted > t.read_timeout
         )

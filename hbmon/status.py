@@ -193,9 +193,11 @@ class StatusTable:
         self.read_duration = Histogram()
         self.poll_lag = 0.0
         self.lag_samples: deque[float] = deque(maxlen=4096)  # recent tick lags, seconds
+        self.lag_histogram = Histogram()  # every tick's lag, for quantiles over any window
         self.workers_stuck = 0
         self.io_backend = "threads"
         self.net_rejected: Counter[str] = Counter()
+        self.net_dropped = 0  # datagrams the kernel dropped for the UDP socket (buffer full)
         self.failovers: Counter[tuple[str, str]] = Counter()
         self._timers: list[tuple[float, int, PathRow]] = []
         self._seq = 0

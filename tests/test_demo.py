@@ -615,6 +615,49 @@ def test_corrupt_is_invalid_checksum_and_degraded(healthy: Demo) -> None:
     assert state in view.metrics.splitlines()
 
 
+def _stuck(url: str) -> int:
+    code, body = http_get(url + "/status.json")
+    assert code == 200, body[:300]
+    return int(json.loads(body)["workers_stuck"])
+
+
+def test_hang_read_is_io_hung_and_heal_frees_the_worker(healthy: Demo) -> None:
+    """The watcher's reads of a pair block (its volume is a FIFO nobody writes): the row
+    shows io_hung with one stuck worker, the other pairs carry on; heal frees the worker."""
+    demo = healthy
+    since = demo.lab("hang-read", "osaka-01")
+    deadline = since + FAULT_DEADLINE + 2.0  # + read_timeout (2 s) before io_hung
+    while True:
+        view = look(demo.tokyo)
+        row, stuck = view.row("osaka-01", "volume"), _stuck(demo.tokyo)
+        if row["state"] == "io_hung" and stuck == 1:
+            break
+        assert time.monotonic() < deadline, f"osaka-01 not io_hung (stuck {stuck}): {row}"
+        time.sleep(POLL)
+    print(f"\n[demo] hang-read osaka-01 -> io_hung, 1 stuck: {time.monotonic() - since:.2f} s")
+    assert row["reason"] == "io_hung", row
+    assert view.json_verdicts["osaka-01"] == "degraded"
+    others = {p: v for p, v in view.json_verdicts.items() if p != "osaka-01"}
+    assert set(others.values()) == {"alive"}, others
+    since = demo.lab("heal")
+    took, _ = wait_verdicts(demo, all_alive(), since=since, timeout=RECOVER_TIMEOUT)
+    assert _stuck(demo.tokyo) == 0
+    print(f"[demo] heal -> all alive, 0 stuck: {took:.2f} s")
+
+
+def test_truncate_is_io_error_truncated(healthy: Demo) -> None:
+    demo = healthy
+    last = OSAKA_PAIRS[-1]  # the last slot of tokyo's SVOL: no other pair is cut
+    since = demo.lab("truncate", last)
+    took, watch = wait_verdicts(demo, {last: "degraded"}, since=since, timeout=FAULT_DEADLINE)
+    report(f"truncate {last} -> degraded on tokyo", took)
+    row = watch.views[demo.tokyo].row(last, "volume")
+    assert (row["state"], row["reason"]) == ("io_error", "truncated"), row
+    since = demo.lab("heal")
+    took, _ = wait_verdicts(demo, all_alive(), since=since, timeout=RECOVER_TIMEOUT)
+    print(f"[demo] heal -> all alive: {took:.2f} s")
+
+
 def test_heal_restarts_killed_hosts_with_a_new_incarnation(healthy: Demo) -> None:
     demo = healthy
     killed = ("osaka-01", "tokyo-03")

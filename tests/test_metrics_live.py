@@ -18,6 +18,7 @@ FAMILIES = (
     "hbmon_volume_read_errors_total",
     "hbmon_volume_read_duration_seconds_bucket",
     "hbmon_poll_lag_seconds",
+    "hbmon_poll_tick_lag_seconds_bucket",
     "hbmon_workers_stuck",
     "hbmon_beats_written_total",
     "hbmon_beat_write_errors_total",
