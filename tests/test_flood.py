@@ -107,7 +107,9 @@ def test_drain_takes_a_batch_and_counts_every_rejection(caplog: pytest.LogCaptur
     good = Record("db1", 7, 1, clock.wall(), 1.0)
     signed = encode_datagram(UNIT_KEY, BEAT, good)
     stranger = good._replace(pair_id="stranger")
-    old = good._replace(serial=9, writer_time=clock.wall() - 7200)
+    # a writer not seen before, two hours off the clocks (one already beating is never
+    # judged by its time: tests/test_time_faults.py)
+    old = good._replace(incarnation=8, serial=9, writer_time=clock.wall() - 7200)
     junk = {
         "malformed": [b"", b"x" * 40, b"\0" * 4000, b"XXXX" + signed[4:]],
         "bad_mac": [encode_datagram(b"k" * 32, BEAT, good)],
@@ -303,7 +305,8 @@ def _forgeries(key: bytes, captured: bytes) -> dict[str, list[str]]:
         encode_datagram(key, BEAT, stranger._replace(pair_id=f"intruder-{i}")).hex()
         for i in range(8)
     ]
-    old = far_future._replace(writer_time=time.time() - 7200)
+    # a new incarnation two hours off the clocks (a running one is not judged by its time)
+    old = far_future._replace(incarnation=record.incarnation ^ 1, writer_time=time.time() - 7200)
     out_of_window = [encode_datagram(key, BEAT, old).hex()]
     return {
         "bad_mac": bad_mac,
