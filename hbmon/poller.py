@@ -174,6 +174,7 @@ class Poller:
         self.globs: tuple[WatchGlobConfig, ...] = ()
         self.started = clock.monotonic()
         self._unseen = 0  # targets not read yet since start (start-up progress)
+        self.all_read = anyio.Event()  # set whenever every watched volume has been read
         self.open_budget = open_file_budget()
         self._kept_open = 0
         self.inline = inline  # try RWF_NOWAIT reads on the loop first
@@ -232,6 +233,8 @@ class Poller:
         target.keep_open = self._kept_open < self.open_budget
         self._kept_open += target.keep_open
         self.targets[pair] = target
+        if not self._unseen and self.all_read.is_set():
+            self.all_read = anyio.Event()
         self._unseen += 1
         # Spread first polls over one period so 10,000 volumes do not all fall due at once.
         phase = (zlib.crc32(pair.encode()) % 1000) / 1000 * timing.interval
@@ -247,6 +250,8 @@ class Poller:
             target.active = False
             if not target.seen:
                 self._unseen -= 1
+                if not self._unseen:
+                    self.all_read.set()
             self._kept_open -= target.keep_open
             if not target.inflight:
                 _forget(target)
@@ -325,6 +330,8 @@ class Poller:
             if self.globs:
                 await self.rescan()
             tg.start_soon(self._rescan_loop)
+            if not self._unseen:
+                self.all_read.set()  # nothing to read
             task_status.started()
             while True:
                 self._tick(tg)
@@ -481,6 +488,7 @@ class Poller:
             target.seen = True
             self._unseen -= 1
             if not self._unseen:
+                self.all_read.set()
                 log.info(
                     "all %d watched volume(s) read %.2f s after start",
                     len(self.targets),

@@ -8,6 +8,7 @@ writes ``stopping`` records (bounded by a grace period) and cancels everything.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import signal
@@ -122,10 +123,22 @@ class Site:
                     len(self.table.pairs),
                 )
                 task_status.started(self.address)
+                tg.start_soon(self._freeze_heap)
         finally:
             self.beater.close()
             if self.sender is not None:
                 self.sender.close()
+
+    async def _freeze_heap(self) -> None:
+        """Once every watched volume has been read, hide the long-lived objects from the
+        cyclic garbage collector (``gc.freeze``).  At 10,000 pairs a full collection
+        walks ~170,000 objects that live as long as the process and holds the event loop
+        ~60 ms (a late poll tick); frozen, it takes ~5 ms.  hbmon's objects hold no
+        reference cycles, so reference counting still frees whatever a reload drops."""
+        with anyio.move_on_after(60):
+            await self.poller.all_read.wait()
+        gc.collect()
+        gc.freeze()
 
     def _task_group(self) -> anyio.abc.TaskGroup:
         if self._tg is None:
@@ -141,6 +154,8 @@ class Site:
         self.table.changes.burst = config.log_changes or 1 << 62
         self.poller.configure(config)
         await self.poller.rescan(refresh=True)
+        if self._tg is not None:
+            self._tg.start_soon(self._freeze_heap)
         explicit = {w.id for w in config.watches}
         for pair in list(self.table.pairs):
             if pair not in explicit and not self.poller.matches_glob(pair):
