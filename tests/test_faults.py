@@ -1,0 +1,252 @@
+"""Faulty devices, for real: the daemon (``hbmon run``) against a fault-injecting FUSE file
+system (tests/faultfs.py) and against loop devices detached while they are polled.
+
+Every SVOL here is fed the way an array's remote copy feeds it: records are written into
+the backing file underneath the FUSE mount or the loop device, never through what hbmon
+reads.  Each test runs one daemon with healthy volumes next to the faulty ones and checks,
+sampling /status.json all along, that the healthy ones never fall behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import need
+from faultfs import FaultFS, available
+from helpers import Feeder, Site, metric_value, running_site, wait_for
+
+from hbmon.record import SLOT_SIZE
+
+INTERVAL = 0.5  # every pair's interval; the feeder writes twice per interval
+HEALTHY_AGE = 3 * INTERVAL  # a healthy row's age stays below this, whatever the others do
+
+
+@pytest.fixture
+def faultfs(tmp_path: Path) -> Iterator[FaultFS]:
+    why = available()
+    need(why is None, f"faultfs: {why}")
+    with FaultFS(tmp_path / "faultfs") as fs:
+        yield fs
+
+
+def _head(tmp_path: Path, name: str, **extra: str) -> str:
+    lines = [
+        f'site = "{name}"',
+        f'state_dir = "{tmp_path / "state"}"',
+        'method = "volume"',
+        f'interval = "{int(INTERVAL * 1000)}ms"',
+        "miss_threshold = 4",
+        "recover_beats = 2",
+    ]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _watch(pair: str, volume: Path | str, **extra: str) -> str:
+    text = f'[[watch]]\nid = "{pair}"\nvolume = "{volume}"\nslot = 0\n'
+    return text + "".join(f"{k} = {v}\n" for k, v in extra.items())
+
+
+def _volumes(fs: FaultFS, tmp_path: Path, fuse: list[str], plain: list[str]) -> dict[str, Path]:
+    """Empty 4 KiB SVOL files: ``fuse`` ones in the FUSE backing directory, ``plain`` ones on
+    the ordinary file system.  Returns pair -> the file to feed (underneath the mount)."""
+    out = {}
+    for pair in fuse:
+        out[pair] = fs.real(f"{pair}.vol")
+    (tmp_path / "plain").mkdir(exist_ok=True)
+    for pair in plain:
+        out[pair] = tmp_path / "plain" / f"{pair}.vol"
+    for path in out.values():
+        path.write_bytes(bytes(SLOT_SIZE))
+    return out
+
+
+def _states(site: Site, pairs: list[str]) -> dict[str, tuple[str, str | None]]:
+    rows = site.rows()
+    return {p: (rows[p, "volume"]["state"], rows[p, "volume"]["reason"]) for p in pairs}
+
+
+def _check_healthy(rows: dict[tuple[str, str], dict[str, Any]], healthy: list[str]) -> None:
+    for pair in healthy:
+        row = rows[pair, "volume"]
+        assert row["state"] == "alive", row
+        assert row["age"] is not None, row
+        assert row["age"] < HEALTHY_AGE, row
+
+
+# -- read faults ----------------------------------------------------------------------------
+
+READ_FAULTS = {
+    "f-eio": ("eio", ("io_error", "io_error")),
+    "f-short": ("short", ("io_error", "truncated")),
+    "f-hang": ("hang", ("io_hung", "io_hung")),
+}
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_read_faults_each_get_their_own_state(faultfs: FaultFS, tmp_path: Path) -> None:
+    """EIO, a short read and a read that never returns, on three SVOLs of one FUSE mount at
+    once: each shows its own state and reason, the healthy volumes (on the same mount and
+    on an ordinary file system) stay alive with a small age throughout, and every faulty
+    one is alive again once its fault heals; the hung worker is released."""
+    healthy = ["f-ok", "plain-1", "plain-2"]
+    faulty = list(READ_FAULTS)
+    vols = _volumes(faultfs, tmp_path, ["f-ok", *faulty], ["plain-1", "plain-2"])
+    config = _head(tmp_path, "reads", read_timeout='"1s"')
+    for pair in ("f-ok", *faulty):
+        config += _watch(pair, faultfs.path(f"{pair}.vol"))
+    for pair in ("plain-1", "plain-2"):
+        config += _watch(pair, vols[pair])
+    feeder = Feeder([(p, path, 0) for p, path in vols.items()], every=INTERVAL / 2).start()
+    try:
+        with running_site(config, tmp_path) as site:
+            wait_for(
+                lambda: all(s == "alive" for s, _ in _states(site, list(vols)).values()),
+                10.0,
+                "every SVOL alive while fed",
+            )
+            faulted = time.monotonic()
+            for pair, (fault, _) in READ_FAULTS.items():
+                faultfs.set(f"{pair}.vol", read=fault)
+            expected = {pair: want for pair, (_, want) in READ_FAULTS.items()}
+            shown_at: dict[str, float] = {}
+
+            def all_shown() -> bool:
+                rows = site.rows()
+                _check_healthy(rows, healthy)
+                for pair, want in expected.items():
+                    row = rows[pair, "volume"]
+                    if (row["state"], row["reason"]) == want:
+                        shown_at.setdefault(pair, time.monotonic() - faulted)
+                return len(shown_at) == len(expected)
+
+            wait_for(all_shown, 6.0, f"the read faults to show {expected}")
+            # Held: each fault keeps its state while the healthy rows keep their cadence.
+            end, samples = time.monotonic() + 3.0, 0
+            while time.monotonic() < end:
+                rows = site.rows()
+                _check_healthy(rows, healthy)
+                for pair, want in expected.items():
+                    row = rows[pair, "volume"]
+                    assert (row["state"], row["reason"], row["up"]) == (*want, False), row
+                samples += 1
+                time.sleep(0.1)
+            assert samples >= 10
+            assert "Input/output error" in site.row("f-eio")["detail"]
+            assert "read has not returned" in site.row("f-hang")["detail"]
+
+            text = site.metrics()
+            for pair, (_, (state, reason)) in READ_FAULTS.items():
+                count = metric_value(
+                    text, "hbmon_volume_read_errors_total", pair=pair, reason=reason
+                )
+                assert count is not None, (pair, reason)
+                assert count >= 1, (pair, reason, count)
+                up = metric_value(
+                    text, "hbmon_heartbeat_state", pair=pair, path="volume", state=state
+                )
+                assert up == 1, (pair, state)
+            assert metric_value(text, "hbmon_workers_stuck") == 1
+            assert site.status()["workers_stuck"] == 1
+            # A volume whose read is out is not read again: one hung read, not one a poll.
+            assert faultfs.stats("f-hang.vol", "read").get("hang") == 1
+            assert faultfs.stats("f-eio.vol", "read").get("eio", 0) >= 5  # retried each poll
+
+            healed = time.monotonic()
+            faultfs.heal()
+            recovered: dict[str, float] = {}
+
+            def all_alive() -> bool:
+                rows = site.rows()
+                _check_healthy(rows, healthy)
+                for pair in faulty:
+                    if rows[pair, "volume"]["state"] == "alive":
+                        recovered.setdefault(pair, time.monotonic() - healed)
+                return len(recovered) == len(faulty)
+
+            wait_for(all_alive, 6.0, "every healed SVOL alive again")
+            wait_for(
+                lambda: metric_value(site.metrics(), "hbmon_workers_stuck") == 0,
+                3.0,
+                "the hung worker to be released",
+            )
+            assert site.status()["workers_stuck"] == 0
+            assert site.healthz() == 200
+            print(f"shown after {shown_at}, recovered after {recovered}")
+    finally:
+        feeder.close()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_a_read_answering_after_2s(faultfs: FaultFS, tmp_path: Path) -> None:
+    """A read that answers after 2 s.  With read_timeout 3 s the answer arrives in time:
+    the beats come every ~2 s instead of every 0.5 s, so the row is ``late`` (beats
+    missed, never io_hung nor stale).  With read_timeout 1 s every read is ``io_hung``
+    for its second half; the late answer is taken but hysteresis keeps the row io_hung
+    until reads are fast again.  Both recover when reads are fast again."""
+    healthy = ["f-ok", "plain-1"]
+    vols = _volumes(faultfs, tmp_path, ["f-ok", "slow-late", "slow-hung"], ["plain-1"])
+    config = _head(tmp_path, "slow")
+    config += _watch("f-ok", faultfs.path("f-ok.vol"))
+    config += _watch("plain-1", vols["plain-1"])
+    config += _watch(
+        "slow-late", faultfs.path("slow-late.vol"), read_timeout='"3s"', miss_threshold="8"
+    )
+    config += _watch("slow-hung", faultfs.path("slow-hung.vol"), read_timeout='"1s"')
+    feeder = Feeder([(p, path, 0) for p, path in vols.items()], every=INTERVAL / 2).start()
+    try:
+        with running_site(config, tmp_path) as site:
+            wait_for(
+                lambda: all(s == "alive" for s, _ in _states(site, list(vols)).values()),
+                10.0,
+                "every SVOL alive while fed",
+            )
+            for pair in ("slow-late", "slow-hung"):
+                faultfs.set(f"{pair}.vol", read="slow", delay=2.0)
+            wait_for(
+                lambda: (
+                    _states(site, ["slow-late", "slow-hung"])
+                    == {"slow-late": ("late", None), "slow-hung": ("io_hung", "io_hung")}
+                ),
+                6.0,
+                "slow-late late and slow-hung io_hung",
+            )
+            seen: dict[str, set[str]] = {"slow-late": set(), "slow-hung": set()}
+            stuck_seen = set()
+            end = time.monotonic() + 6.0
+            while time.monotonic() < end:
+                rows = site.rows()
+                _check_healthy(rows, healthy)
+                for pair in seen:
+                    seen[pair].add(rows[pair, "volume"]["state"])
+                stuck_seen.add(site.status()["workers_stuck"])
+                time.sleep(0.1)
+            late = site.row("slow-late")
+            hung = site.row("slow-hung")
+            print(f"states seen {seen}, workers_stuck seen {stuck_seen}")
+            assert "late" in seen["slow-late"], seen
+            assert seen["slow-late"] <= {"alive", "late"}, seen
+            assert late["missed_total"] >= 3, late
+            assert "io_hung" not in late["errors"], late
+            assert seen["slow-hung"] == {"io_hung"}, seen
+            assert hung["errors"].get("io_hung", 0) >= 2, hung  # once per slow read
+            assert hung["serial"] > 0, hung
+            assert hung["age"] < 4.0, hung  # the late answers are taken
+            assert 1 in stuck_seen, stuck_seen
+            assert faultfs.stats("slow-late.vol", "read").get("slow", 0) >= 3
+
+            faultfs.heal()
+            wait_for(
+                lambda: all(s == "alive" for s, _ in _states(site, list(vols)).values()),
+                8.0,
+                "the slow SVOLs alive again once reads are fast",
+            )
+            wait_for(lambda: site.status()["workers_stuck"] == 0, 3.0, "no worker stuck any more")
+    finally:
+        feeder.close()
