@@ -260,7 +260,12 @@ class Beater:
             return
         stats.errors[out.reason] += 1
         if out.detail != stats.last_error:
-            log.error("beat %s: %s", stats.pair, out.detail)
+            log.error(
+                "beat %s: %s (not fatal: retried every %g s)",
+                stats.pair,
+                out.detail,
+                target.config.interval,
+            )
             stats.last_error = out.detail
 
     async def stop(self) -> None:

@@ -235,5 +235,8 @@ def _error(path: str, err: OSError) -> VolumeError:
         errno.ENOENT: "missing",
         errno.EACCES: "permission",
         errno.EPERM: "permission",
+        errno.ENOSPC: "no_space",
+        errno.EDQUOT: "no_space",
+        errno.EROFS: "read_only",
     }.get(err.errno or 0, "io_error")
     return VolumeError(path, f"{err.strerror or err} (errno {err.errno})", reason=reason)

@@ -19,7 +19,7 @@ from conftest import need
 from faultfs import FaultFS, available
 from helpers import Feeder, Site, metric_value, running_site, wait_for
 
-from hbmon.record import SLOT_SIZE
+from hbmon.record import SLOT_SIZE, decode
 
 INTERVAL = 0.5  # every pair's interval; the feeder writes twice per interval
 HEALTHY_AGE = 3 * INTERVAL  # a healthy row's age stays below this, whatever the others do
@@ -250,3 +250,107 @@ def test_a_read_answering_after_2s(faultfs: FaultFS, tmp_path: Path) -> None:
             wait_for(lambda: site.status()["workers_stuck"] == 0, 3.0, "no worker stuck any more")
     finally:
         feeder.close()
+
+
+# -- write faults on the PVOL ----------------------------------------------------------------
+
+WRITE_FAULTS = [
+    # (operation, fault, reason counted, words in the error shown)
+    ("write", "eio", "io_error", "Input/output error"),
+    ("write", "enospc", "no_space", "No space left on device"),
+    ("write", "erofs", "read_only", "Read-only file system"),
+    ("fsync", "eio", "io_error", "Input/output error"),
+    ("write", "hang", "io_hung", "stuck for"),
+]
+
+
+def _writer(site: Site, pair: str) -> dict[str, Any]:
+    for w in site.status()["writers"]:
+        if w["pair"] == pair:
+            return dict(w)
+    pytest.fail(f"/status.json has no writer {pair!r}")
+
+
+def _written(site: Site) -> dict[str, int]:
+    return {w["pair"]: w["written"] for w in site.status()["writers"]}
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_pvol_write_faults_are_counted_retried_and_never_fatal(
+    faultfs: FaultFS, tmp_path: Path
+) -> None:
+    """The beater writes three PVOLs: one on the FUSE mount that fails in turn with EIO,
+    ENOSPC, EROFS, a failed fdatasync and a write that hangs; one healthy on the same
+    mount; one on an ordinary file system.  Each fault is counted by reason, shown in
+    /status.json and the log, retried every interval (the next beat after the heal is
+    written, same incarnation, serial still going up), and never stops the daemon or the
+    other writers."""
+    plain = tmp_path / "plain-pvol.vol"
+    config = _head(tmp_path, "writes", read_timeout='"1s"')
+    beats = {"w-fault": faultfs.path("w-fault.vol"), "w-ok": faultfs.path("w-ok.vol")}
+    beats["w-plain"] = plain
+    for pair, path in beats.items():
+        config += f'[[beat]]\nid = "{pair}"\nvolume = "{path}"\nslot = 0\ninterval = "200ms"\n'
+    with running_site(config, tmp_path) as site:
+        wait_for(
+            lambda: all(n >= 3 for n in _written(site).values()),
+            5.0,
+            "every writer to have written 3 beats",
+        )
+        incarnation = _writer(site, "w-fault")["incarnation"]
+        serial_before = decode(faultfs.real("w-fault.vol").read_bytes()[:512], "w-fault").serial
+        for op, fault, reason, words in WRITE_FAULTS:
+            before = _writer(site, "w-fault")
+            others = _written(site)
+            faultfs.set("w-fault.vol", **{op: fault})
+            want = before["errors"].get(reason, 0) + (1 if fault == "hang" else 3)
+
+            def counted(reason: str = reason, want: int = want) -> bool:
+                text = site.metrics()
+                value = metric_value(
+                    text, "hbmon_beat_write_errors_total", pair="w-fault", reason=reason
+                )
+                return value is not None and value >= want
+
+            wait_for(counted, 6.0, f"{op} {fault}: {want} write errors counted as {reason}")
+            shown = _writer(site, "w-fault")
+            assert words in shown["last_error"], shown
+            assert shown["errors"][reason] >= want, shown
+            # The other writers keep beating meanwhile, without an error.
+            wait_for(
+                lambda others=others: all(
+                    _written(site)[p] >= others[p] + 3 for p in ("w-ok", "w-plain")
+                ),
+                3.0,
+                f"the other writers to beat on during {op} {fault}",
+            )
+            for pair in ("w-ok", "w-plain"):
+                assert not _writer(site, pair)["errors"], _writer(site, pair)
+            assert _writer(site, "w-fault")["last_error"], "the fault healed by itself?"
+            faultfs.heal("w-fault.vol")
+            written = shown["written"]
+            wait_for(
+                lambda written=written: _writer(site, "w-fault")["written"] >= written + 2,
+                5.0,
+                f"beats written again after {op} {fault} healed",
+            )
+            healed = _writer(site, "w-fault")
+            assert healed["last_error"] == "", healed
+            assert healed["incarnation"] == incarnation  # retried, not restarted
+            rec = decode(faultfs.real("w-fault.vol").read_bytes()[:512], "w-fault")
+            assert rec.incarnation == int(incarnation, 16)
+            assert rec.serial > serial_before, (rec.serial, serial_before)
+            serial_before = rec.serial
+            assert site.running()
+            assert site.healthz() == 200
+        text = site.metrics()
+        for _, _, reason, _ in WRITE_FAULTS:
+            assert metric_value(
+                text, "hbmon_beat_write_errors_total", pair="w-fault", reason=reason
+            )
+        log = site.stderr()
+        assert "beat w-fault: " in log
+        assert "No space left on device" in log
+        assert "beat w-fault: writing again to" in log
+    assert faultfs.stats("w-fault.vol", "write").get("ok", 0) > 10
