@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 BATCH = 1024  # reads per worker-thread call (more threads only add GIL hand-offs)
 COALESCE = 0.05  # volumes due within 50 ms are read in one batch (<= 20 batches a second)
+# A kept-open volume is opened afresh this often (and at once after any error), so that a
+# detached loop device is not pinned by hbmon, and a replaced file or a re-pointed
+# /dev/disk/by-id link is followed, even while the old open file still reads fine.
+REOPEN_AFTER = 10.0
 
 
 @dataclass(eq=False, slots=True)
@@ -66,6 +70,7 @@ class Target:
     row: PathRow | None = None  # its row in the status table
     decoder: Decoder = field(init=False)
     volume: Volume | None = None  # kept open between polls; touched only by its worker
+    opened: float = 0.0  # perf_counter() when ``volume`` was opened
     inflight: bool = False
     due: float = 0.0  # when its next read is due (monotonic)
     submitted: float = 0.0
@@ -91,8 +96,11 @@ def read_target(target: Target) -> ReadOutcome:
     """Read and decode one slot.  Runs on a worker thread; never raises."""
     start = time.perf_counter()
     try:
+        if target.volume is not None and start - target.opened > REOPEN_AFTER:
+            _forget(target)
         if target.volume is None:
             target.volume = open_volume(target.path)
+            target.opened = start
         data = read_slot(target.volume, target.slot)
     except VolumeError as err:
         _forget(target)

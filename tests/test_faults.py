@@ -9,6 +9,7 @@ sampling /status.json all along, that the healthy ones never fall behind.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -354,3 +355,122 @@ def test_pvol_write_faults_are_counted_retried_and_never_fatal(
         assert "No space left on device" in log
         assert "beat w-fault: writing again to" in log
     assert faultfs.stats("w-fault.vol", "write").get("ok", 0) > 10
+
+
+# -- loop devices detached and re-attached while polled ---------------------------------
+
+
+def _losetup(*args: str) -> str:
+    done = subprocess.run(["losetup", *args], check=True, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def _attach_as(dev: str, image: Path, timeout: float = 5.0) -> None:
+    """``losetup DEV IMAGE``, retried while the kernel still tears the old binding down."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run(["losetup", dev, str(image)], capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"losetup {dev} {image}: {done.stderr.strip()}")
+        time.sleep(0.1)
+
+
+def _attach_elsewhere(image: Path, avoid: str) -> str:
+    """Attach ``image`` to a free loop device other than ``avoid``; returns its name."""
+    for n in range(256):
+        dev = f"/dev/loop{n}"
+        if dev == avoid:
+            continue
+        done = subprocess.run(["losetup", dev, str(image)], capture_output=True, text=True)
+        if done.returncode == 0:
+            return dev
+    pytest.fail(f"no free loop device for {image}")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_loop_devices_detached_and_reattached_while_polled(
+    loopdev_factory: Any, tmp_path: Path
+) -> None:
+    """Two SVOL loop devices are detached (``losetup -d``) while the daemon polls them.
+
+    The daemon must not pin a detached device: the kernel only tears a loop device down
+    once its last opener lets go, and a re-attach under the same name fails with EBUSY
+    until then.  Each shows ``io_error`` with reason ``missing`` while detached.  One
+    comes back under the same name (``losetup /dev/loopN IMAGE``), the other on a new
+    device that a by-id style symlink (the configured path) now points to; both are
+    alive again.  A third loop device and a plain file stay alive throughout."""
+    images, devs = {}, {}
+    for pair in ("same-name", "new-name", "loop-ok"):
+        images[pair], devs[pair] = loopdev_factory(1 << 20)
+    plain = tmp_path / "plain.vol"
+    plain.write_bytes(bytes(SLOT_SIZE))
+    images["plain"] = plain
+    by_id = tmp_path / "by-id"
+    by_id.mkdir()
+    link = by_id / "wwn-new-name"
+    link.symlink_to(devs["new-name"])
+    paths = {"same-name": devs["same-name"], "new-name": str(link), "loop-ok": devs["loop-ok"]}
+    paths["plain"] = str(plain)
+    config = _head(tmp_path, "loops")
+    for pair, path in paths.items():
+        config += _watch(pair, path)
+    healthy = ["loop-ok", "plain"]
+    detached = ["same-name", "new-name"]
+    feeder = Feeder([(p, img, 0) for p, img in images.items()], every=INTERVAL / 2).start()
+    new_dev: str | None = None
+    try:
+        with running_site(config, tmp_path) as site:
+            wait_for(
+                lambda: all(s == "alive" for s, _ in _states(site, list(paths)).values()),
+                10.0,
+                "every SVOL alive while fed",
+            )
+            detached_at = time.monotonic()
+            for pair in detached:
+                _losetup("-d", devs[pair])
+            shown: dict[str, float] = {}
+
+            def shown_missing() -> bool:
+                rows = site.rows()
+                _check_healthy(rows, healthy)
+                for pair in detached:
+                    row = rows[pair, "volume"]
+                    if (row["state"], row["reason"]) == ("io_error", "missing"):
+                        shown.setdefault(pair, time.monotonic() - detached_at)
+                return len(shown) == len(detached)
+
+            wait_for(shown_missing, 20.0, "the detached loop devices to show io_error/missing")
+            assert "size 0" in site.row("same-name")["detail"]
+            text = site.metrics()
+            for pair in detached:
+                count = metric_value(
+                    text, "hbmon_volume_read_errors_total", pair=pair, reason="missing"
+                )
+                assert count is not None, pair
+                assert count >= 1, pair
+
+            reattached_at = time.monotonic()
+            _attach_as(devs["same-name"], images["same-name"])
+            new_dev = _attach_elsewhere(images["new-name"], avoid=devs["new-name"])
+            tmp_link = by_id / "wwn-new-name.tmp"
+            tmp_link.symlink_to(new_dev)
+            tmp_link.replace(link)  # as udev re-points /dev/disk/by-id
+            back: dict[str, float] = {}
+
+            def all_back() -> bool:
+                rows = site.rows()
+                _check_healthy(rows, healthy)
+                for pair in detached:
+                    if rows[pair, "volume"]["state"] == "alive":
+                        back.setdefault(pair, time.monotonic() - reattached_at)
+                return len(back) == len(detached)
+
+            wait_for(all_back, 6.0, "the re-attached loop devices alive again")
+            print(f"io_error/missing after {shown}, alive again after {back}")
+    finally:
+        feeder.close()
+        if new_dev is not None:
+            subprocess.run(["losetup", "-d", new_dev], check=False, capture_output=True)
