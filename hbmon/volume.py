@@ -195,6 +195,13 @@ def write_slot(vol: Volume, slot: int, block: bytes, *, sync: bool = True) -> No
             if sync:
                 os.fdatasync(vol.fd)
     except OSError as err:
+        if vol.is_block and err.errno == errno.EPERM:  # what a write-protected device says
+            raise VolumeError(
+                vol.path,
+                f"{err.strerror} (errno {err.errno}): the block device is read-only "
+                "(blockdev --getro); make it writable (blockdev --setrw) or beat elsewhere",
+                reason="read_only",
+            ) from None
         raise _error(vol.path, err) from None
     if n != len(block):
         raise VolumeError(vol.path, f"short write at slot {slot}: {n} of {len(block)} bytes")

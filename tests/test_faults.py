@@ -474,3 +474,48 @@ def test_loop_devices_detached_and_reattached_while_polled(
         feeder.close()
         if new_dev is not None:
             subprocess.run(["losetup", "-d", new_dev], check=False, capture_output=True)
+
+
+@pytest.mark.root
+def test_pvol_block_device_set_read_only_while_beating(
+    loopdev_factory: Any, tmp_path: Path
+) -> None:
+    """``blockdev --setro`` on the PVOL loop device under a running beater: its writes fail
+    with EPERM, counted as ``read_only``; after ``blockdev --setrw`` the beats go on with
+    the same incarnation, and another PVOL never stopped."""
+    image, dev = loopdev_factory(1 << 20)
+    other = tmp_path / "other.vol"
+    config = _head(tmp_path, "ro-pvol")
+    for pair, path in (("ro", dev), ("other", other)):
+        config += f'[[beat]]\nid = "{pair}"\nvolume = "{path}"\nslot = 0\ninterval = "200ms"\n'
+    try:
+        with running_site(config, tmp_path) as site:
+            wait_for(lambda: _writer(site, "ro")["written"] >= 2, 5.0, "beats on the PVOL")
+            before = decode(image.read_bytes()[:512], "ro")
+            subprocess.run(["blockdev", "--setro", dev], check=True)
+
+            def counted() -> bool:
+                value = metric_value(
+                    site.metrics(), "hbmon_beat_write_errors_total", pair="ro", reason="read_only"
+                )
+                return value is not None and value >= 3
+
+            others = _writer(site, "other")["written"]
+            wait_for(counted, 5.0, "3 write errors counted as read_only")
+            shown = _writer(site, "ro")
+            assert "blockdev --setrw" in shown["last_error"], shown
+            assert _writer(site, "other")["written"] >= others + 2
+            assert not _writer(site, "other")["errors"]
+            subprocess.run(["blockdev", "--setrw", dev], check=True)
+            written = shown["written"]
+            wait_for(
+                lambda: _writer(site, "ro")["written"] >= written + 2,
+                5.0,
+                "beats written again once the device is writable",
+            )
+            after = decode(image.read_bytes()[:512], "ro")
+            assert after.incarnation == before.incarnation
+            assert after.serial > before.serial + 3  # beats failed meanwhile were numbered too
+            assert "not fatal: retried every 0.2 s" in site.stderr()
+    finally:
+        subprocess.run(["blockdev", "--setrw", dev], check=False)
