@@ -519,3 +519,45 @@ def test_pvol_block_device_set_read_only_while_beating(
             assert "not fatal: retried every 0.2 s" in site.stderr()
     finally:
         subprocess.run(["blockdev", "--setrw", dev], check=False)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug in hbmon/row.py (not this branch's to fix): observe_record flags "
+    "'resumed' after any gap of miss_threshold x interval, even one caused by the reader's "
+    "own stalled read while the writer kept beating (the serial jumped by many)",
+)
+def test_a_stalled_read_is_not_an_undead_writer(faultfs: FaultFS, tmp_path: Path) -> None:
+    """An SVOL read that stalls for longer than ``miss_threshold x interval`` (as during a
+    multipath failover) and then returns: the row was ``io_hung``, never declared stale,
+    and the writer beat all along (the serial jumped by many).  That is not a frozen
+    writer coming back, so the row must not be flagged ``undead`` ("fence this host")."""
+    vols = _volumes(faultfs, tmp_path, ["stall"], ["plain-1"])
+    config = _head(tmp_path, "stall", read_timeout='"1s"')
+    config += _watch("stall", faultfs.path("stall.vol"))
+    config += _watch("plain-1", vols["plain-1"])
+    feeder = Feeder([(p, path, 0) for p, path in vols.items()], every=INTERVAL / 2).start()
+    try:
+        with running_site(config, tmp_path) as site:
+            first = wait_for(
+                lambda: (row := site.row("stall"))["state"] == "alive" and row,
+                10.0,
+                "the SVOL alive while fed",
+            )
+            faultfs.set("stall.vol", read="hang")
+            wait_for(lambda: site.row("stall")["state"] == "io_hung", 5.0, "io_hung")
+            time.sleep(3.0)  # the stall outlasts miss_threshold x interval (2 s)
+            faultfs.heal()
+            row = wait_for(
+                lambda: (row := site.row("stall"))["state"] == "alive" and row,
+                5.0,
+                "alive again after the stall",
+            )
+            assert row["incarnation"] == first["incarnation"]
+            assert row["serial"] > first["serial"] + 8  # the writer beat all along
+            assert "undead_writer" not in row["errors"], row
+            assert row["undead"] is False, row
+    finally:
+        feeder.close()
