@@ -290,6 +290,7 @@ class FaultFS:
         self.log = root / "faultfs.log"
         for d in (self.backing, self.mount, self.control):
             d.mkdir(parents=True, exist_ok=True)
+        self._mount_path = os.path.realpath(self.mount)  # resolved before anything hangs
         self.faults: dict[str, dict[str, Any]] = {}
         self.generation = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -333,7 +334,7 @@ class FaultFS:
             self.faults.pop(name, None)
         self._publish()
 
-    def _publish(self) -> None:
+    def _publish(self, wait: float = 5.0) -> None:
         self.generation += 1
         _write_json(
             str(self.control / "faults.json"),
@@ -341,7 +342,7 @@ class FaultFS:
         )
         if self.proc is None or self.proc.poll() is not None:
             return
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + wait
         while self.applied() < self.generation:
             if time.monotonic() > deadline:
                 raise AssertionError(f"faultfs did not apply generation {self.generation}")
@@ -373,7 +374,7 @@ class FaultFS:
                 stderr=log,
             )
         deadline = time.monotonic() + 10.0
-        while not (os.path.ismount(self.mount) and self.applied() >= self.generation):
+        while not (self.mounted() is not None and self.applied() >= self.generation):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError(f"faultfs did not mount on {self.mount}:\n{self.log_text()}")
@@ -389,44 +390,66 @@ class FaultFS:
         except OSError:
             return ""
 
-    def connection(self) -> Path | None:
-        """The mount's entry in the FUSE control file system (mounted if it is not)."""
+    def mounted(self) -> tuple[int, int] | None:
+        """The mount's device number (from /proc/self/mountinfo, so a hung file system is
+        never touched), or None when it is not mounted."""
+        target = self._mount_path
+        try:
+            lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == target:
+                major, minor = fields[2].split(":")
+                return int(major), int(minor)
+        return None
+
+    def abort(self) -> None:
+        """Abort the FUSE connection: every pending and future request fails (ENOTCONN)."""
+        dev = self.mounted()
+        if dev is None:
+            return
         conns = Path("/sys/fs/fuse/connections")
-        if conns.is_dir() and not os.path.ismount(conns):
+        if not os.path.ismount(conns):
             subprocess.run(
                 ["mount", "-t", "fusectl", "none", str(conns)], check=False, capture_output=True
             )
-        try:
-            dev = os.stat(self.mount).st_dev
-        except OSError:
-            return None
-        entry = conns / str(os.minor(dev))
-        return entry if entry.is_dir() else None
+        with contextlib.suppress(OSError):
+            (conns / str(dev[1]) / "abort").write_text("1")
 
     def close(self) -> None:
-        """Heal everything, unmount, stop the process; abort the connection if need be."""
+        """Heal everything, unmount, stop the process; abort the connection if need be.
+
+        Never stats the mount: a file system whose process hangs would hang the stat.
+        """
         self.faults.clear()
-        with contextlib.suppress(OSError, AssertionError):
-            self._publish()
-        conn = self.connection() if os.path.ismount(self.mount) else None
-        if os.path.ismount(self.mount):
-            done = subprocess.run(
-                ["fusermount3", "-u", str(self.mount)], check=False, capture_output=True
-            )
-            if done.returncode != 0:
-                subprocess.run(
-                    ["fusermount3", "-uz", str(self.mount)], check=False, capture_output=True
+        try:
+            self._publish(wait=2.0)
+        except (OSError, AssertionError):
+            # The process does not answer: abort first, or even closing a file of the
+            # mount (as a fork + exec of fusermount3 does) would wait for it forever.
+            self.abort()
+        if self.mounted() is not None:
+            try:
+                done = subprocess.run(
+                    ["fusermount3", "-u", str(self.mount)], capture_output=True, timeout=5.0
                 )
+                ok = done.returncode == 0
+            except subprocess.TimeoutExpired:
+                ok = False
+            if not ok:  # busy (a caller holds a file) or the file system does not answer
+                self.abort()
+                subprocess.run(["umount", "-l", str(self.mount)], check=False, capture_output=True)
         if self.proc is not None:
             try:
                 self.proc.wait(5.0)
             except subprocess.TimeoutExpired:
-                if conn is not None:
-                    with contextlib.suppress(OSError):
-                        (conn / "abort").write_text("1")
+                self.abort()
                 self.proc.kill()
                 self.proc.wait(5.0)
-        if os.path.ismount(self.mount):
+        if self.mounted() is not None:
+            self.abort()
             subprocess.run(["umount", "-l", str(self.mount)], check=False, capture_output=True)
 
 
