@@ -10,17 +10,21 @@ sampling /status.json all along, that the healthy ones never fall behind.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from conftest import need
 from faultfs import FaultFS, available
 from helpers import Feeder, Site, metric_value, running_site, wait_for
 
+from hbmon.clock import SystemClock
 from hbmon.record import SLOT_SIZE, decode
+from hbmon.workers import WorkerPool
 
 INTERVAL = 0.5  # every pair's interval; the feeder writes twice per interval
 HEALTHY_AGE = 3 * INTERVAL  # a healthy row's age stays below this, whatever the others do
@@ -561,3 +565,45 @@ def test_a_stalled_read_is_not_an_undead_writer(faultfs: FaultFS, tmp_path: Path
             assert row["undead"] is False, row
     finally:
         feeder.close()
+
+
+# -- the worker pool: late results of a detached batch ------------------------------------
+
+
+async def test_a_detached_batch_is_not_dropped_while_it_makes_its_results_durable() -> None:
+    """The beater's batches end with a ``finish`` step (one fdatasync per file) before
+    their results are handed over.  A detached batch that is in that step when the pool
+    harvests (its last job done, its results not yet handed over) must be kept until
+    they are: dropping it lost the results, and the beater, still waiting for a write
+    that had in fact finished, never beat that volume again."""
+    release = threading.Event()
+    delivered: list[int] = []
+
+    def job(item: int) -> int:
+        if item == 1:
+            release.wait(5)  # stalls: the batch is detached
+        return item
+
+    def finish(done: list[tuple[int, int]]) -> None:
+        time.sleep(0.3)  # fdatasync on a slow device
+
+    pool: WorkerPool[int, int] = WorkerPool(
+        job,
+        lambda item, result: delivered.append(result),
+        clock=SystemClock(),
+        threads=2,
+        stall_after=0.05,
+        finish=finish,
+    )
+    try:
+        with anyio.fail_after(2):
+            await pool.run([0, 1])
+        assert delivered == []
+        assert len(pool.detached) == 1
+    finally:
+        release.set()
+    with anyio.fail_after(3):
+        while pool.detached:
+            pool.harvest()
+            await anyio.sleep(0.01)
+    assert delivered == [0, 1]
