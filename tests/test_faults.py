@@ -481,6 +481,52 @@ def test_loop_devices_detached_and_reattached_while_polled(
 
 
 @pytest.mark.root
+@pytest.mark.slow
+def test_a_hung_pvol_never_holds_back_other_beats(faultfs: FaultFS, tmp_path: Path) -> None:
+    """One PVOL on the FUSE mount whose fdatasync, then whose write, hangs, among 40 PVOLs
+    on an ordinary file system that beat at phases spread over the same interval (so some
+    fall into the same batch as the hung one).  Every other writer keeps its full cadence
+    throughout; the hung one shows ``io_hung`` and beats again once released."""
+    plain = [f"p{i}" for i in range(40)]
+    config = _head(tmp_path, "hung-pvol", read_timeout='"1s"')
+    volumes = {"bad": str(faultfs.path("bad.vol"))}
+    volumes.update({p: str(tmp_path / f"{p}.vol") for p in plain})
+    for pair, path in volumes.items():
+        config += f'[[beat]]\nid = "{pair}"\nvolume = "{path}"\nslot = 0\ninterval = "200ms"\n'
+    with running_site(config, tmp_path) as site:
+        wait_for(lambda: all(n >= 3 for n in _written(site).values()), 5.0, "every writer beating")
+        for op in ("fsync", "write"):
+            before = _written(site)
+            bad = _writer(site, "bad")
+            faultfs.set("bad.vol", **{op: "hang"})
+            start = time.monotonic()
+            wait_for(
+                lambda bad=bad: (
+                    _writer(site, "bad")["errors"].get("io_hung", 0)
+                    > bad["errors"].get("io_hung", 0)
+                ),
+                5.0,
+                f"the {op} that hangs to count as io_hung",
+            )
+            time.sleep(max(0.0, 2.5 - (time.monotonic() - start)))
+            after = _written(site)
+            took = time.monotonic() - start
+            expected = took / 0.2  # beats each other writer is due in that time
+            slow = {p: after[p] - before[p] for p in plain if after[p] - before[p] < expected / 2}
+            assert not slow, f"{op} hang on bad.vol held back {slow} ({expected:.0f} due)"
+            assert after["bad"] <= before["bad"] + 1, (before["bad"], after["bad"])
+            for p in plain:
+                assert not _writer(site, p)["errors"], _writer(site, p)
+            faultfs.heal()
+            wait_for(
+                lambda after=after: _written(site)["bad"] >= after["bad"] + 2,
+                5.0,
+                f"bad.vol written again after its {op} was released",
+            )
+        assert site.healthz() == 200
+
+
+@pytest.mark.root
 def test_pvol_block_device_set_read_only_while_beating(
     loopdev_factory: Any, tmp_path: Path
 ) -> None:
