@@ -70,7 +70,8 @@ class Target:
     row: PathRow | None = None  # its row in the status table
     decoder: Decoder = field(init=False)
     volume: Volume | None = None  # kept open between polls; touched only by its worker
-    opened: float = 0.0  # perf_counter() when ``volume`` was opened
+    reopen_at: float = 0.0  # monotonic: read on a thread and opened afresh after this
+    reopen: bool = False  # the next read_target() opens the volume afresh
     inflight: bool = False
     due: float = 0.0  # when its next read is due (monotonic)
     submitted: float = 0.0
@@ -96,11 +97,11 @@ def read_target(target: Target) -> ReadOutcome:
     """Read and decode one slot.  Runs on a worker thread; never raises."""
     start = time.perf_counter()
     try:
-        if target.volume is not None and start - target.opened > REOPEN_AFTER:
+        if target.reopen:
+            target.reopen = False
             _forget(target)
         if target.volume is None:
             target.volume = open_volume(target.path)
-            target.opened = start
         data = read_slot(target.volume, target.slot)
     except VolumeError as err:
         _forget(target)
@@ -241,6 +242,7 @@ class Poller:
         self._kept_open += target.keep_open
         self.targets[pair] = target
         self._unseen += 1
+        target.reopen_at = self.clock.monotonic() + REOPEN_AFTER
         # Spread first polls over one period so 10,000 volumes do not all fall due at once.
         phase = (zlib.crc32(pair.encode()) % 1000) / 1000 * timing.interval
         self._push(self.clock.monotonic() + phase, target)
@@ -358,6 +360,9 @@ class Poller:
                     lag = now - due
                 if not target.inflight:
                     vol = target.volume
+                    if vol is not None and now >= target.reopen_at:
+                        target.reopen_at = now + REOPEN_AFTER
+                        target.reopen, vol = True, None  # a thread reads it, opened afresh
                     if not (
                         inline
                         and vol is not None

@@ -24,6 +24,7 @@ from helpers import Feeder, Site, metric_value, running_site, wait_for
 
 from hbmon.clock import SystemClock
 from hbmon.record import SLOT_SIZE, decode
+from hbmon.uring import available as uring_available
 from hbmon.workers import WorkerPool
 
 INTERVAL = 0.5  # every pair's interval; the feeder writes twice per interval
@@ -395,8 +396,9 @@ def _attach_elsewhere(image: Path, avoid: str) -> str:
 
 @pytest.mark.root
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["auto", "threads"])
 def test_loop_devices_detached_and_reattached_while_polled(
-    loopdev_factory: Any, tmp_path: Path
+    loopdev_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     """Two SVOL loop devices are detached (``losetup -d``) while the daemon polls them.
 
@@ -405,7 +407,9 @@ def test_loop_devices_detached_and_reattached_while_polled(
     until then.  Each shows ``io_error`` with reason ``missing`` while detached.  One
     comes back under the same name (``losetup /dev/loopN IMAGE``), the other on a new
     device that a by-id style symlink (the configured path) now points to; both are
-    alive again.  A third loop device and a plain file stay alive throughout."""
+    alive again.  A third loop device and a plain file stay alive throughout.  With the
+    io_uring reads (``auto`` where the kernel has them) and with threads."""
+    monkeypatch.setenv("HBMON_IO_BACKEND", backend)
     images, devs = {}, {}
     for pair in ("same-name", "new-name", "loop-ok"):
         images[pair], devs[pair] = loopdev_factory(1 << 20)
@@ -446,7 +450,9 @@ def test_loop_devices_detached_and_reattached_while_polled(
                         shown.setdefault(pair, time.monotonic() - detached_at)
                 return len(shown) == len(detached)
 
-            wait_for(shown_missing, 20.0, "the detached loop devices to show io_error/missing")
+            # Within 10 s (REOPEN_AFTER) plus a poll; a process that has the device open
+            # at that moment (udev's blkid) delays the teardown to the next reopen.
+            wait_for(shown_missing, 35.0, "the detached loop devices to show io_error/missing")
             assert "size 0" in site.row("same-name")["detail"]
             text = site.metrics()
             for pair in detached:
@@ -473,7 +479,10 @@ def test_loop_devices_detached_and_reattached_while_polled(
                 return len(back) == len(detached)
 
             wait_for(all_back, 6.0, "the re-attached loop devices alive again")
-            print(f"io_error/missing after {shown}, alive again after {back}")
+            io = site.metrics()
+            print(f"{backend}: io_error/missing after {shown}, alive again after {back}")
+            want = "io_uring" if backend == "auto" and uring_available() else "threads"
+            assert f'io_backend="{want}"' in io
     finally:
         feeder.close()
         if new_dev is not None:
