@@ -43,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +334,21 @@ class FaultFS:
         else:
             self.faults.pop(name, None)
         self._publish()
+
+    @contextlib.contextmanager
+    def healing(self) -> Iterator[None]:
+        """Heal every fault when the block exits, however it exits.
+
+        Open it inside ``running_site`` (``with running_site(...) as site,
+        fs.healing():``) so that a failing test releases the daemon's hung requests
+        before the daemon is stopped: a process with a thread in a FUSE request that has
+        reached the file system cannot exit, not even on SIGKILL, until it is answered.
+        """
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, AssertionError):
+                self.heal()
 
     def _publish(self, wait: float = 5.0) -> None:
         self.generation += 1

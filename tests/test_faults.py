@@ -110,7 +110,7 @@ def test_read_faults_each_get_their_own_state(faultfs: FaultFS, tmp_path: Path) 
         config += _watch(pair, vols[pair])
     feeder = Feeder([(p, path, 0) for p, path in vols.items()], every=INTERVAL / 2).start()
     try:
-        with running_site(config, tmp_path) as site:
+        with running_site(config, tmp_path) as site, faultfs.healing():
             wait_for(
                 lambda: all(s == "alive" for s, _ in _states(site, list(vols)).values()),
                 10.0,
@@ -207,7 +207,7 @@ def test_a_read_answering_after_2s(faultfs: FaultFS, tmp_path: Path) -> None:
     config += _watch("slow-hung", faultfs.path("slow-hung.vol"), read_timeout='"1s"')
     feeder = Feeder([(p, path, 0) for p, path in vols.items()], every=INTERVAL / 2).start()
     try:
-        with running_site(config, tmp_path) as site:
+        with running_site(config, tmp_path) as site, faultfs.healing():
             wait_for(
                 lambda: all(s == "alive" for s, _ in _states(site, list(vols)).values()),
                 10.0,
@@ -298,7 +298,7 @@ def test_pvol_write_faults_are_counted_retried_and_never_fatal(
     beats["w-plain"] = plain
     for pair, path in beats.items():
         config += f'[[beat]]\nid = "{pair}"\nvolume = "{path}"\nslot = 0\ninterval = "200ms"\n'
-    with running_site(config, tmp_path) as site:
+    with running_site(config, tmp_path) as site, faultfs.healing():
         wait_for(
             lambda: all(n >= 3 for n in _written(site).values()),
             5.0,
@@ -502,7 +502,7 @@ def test_a_hung_pvol_never_holds_back_other_beats(faultfs: FaultFS, tmp_path: Pa
     volumes.update({p: str(tmp_path / f"{p}.vol") for p in plain})
     for pair, path in volumes.items():
         config += f'[[beat]]\nid = "{pair}"\nvolume = "{path}"\nslot = 0\ninterval = "200ms"\n'
-    with running_site(config, tmp_path) as site:
+    with running_site(config, tmp_path) as site, faultfs.healing():
         wait_for(lambda: all(n >= 3 for n in _written(site).values()), 5.0, "every writer beating")
         for op in ("fsync", "write"):
             before = _written(site)
@@ -599,7 +599,7 @@ def test_a_stalled_read_is_not_an_undead_writer(faultfs: FaultFS, tmp_path: Path
     config += _watch("plain-1", vols["plain-1"])
     feeder = Feeder([(p, path, 0) for p, path in vols.items()], every=INTERVAL / 2).start()
     try:
-        with running_site(config, tmp_path) as site:
+        with running_site(config, tmp_path) as site, faultfs.healing():
             first = wait_for(
                 lambda: (row := site.row("stall"))["state"] == "alive" and row,
                 10.0,
