@@ -536,7 +536,6 @@ def test_a_hung_pvol_never_holds_back_other_beats(faultfs: FaultFS, tmp_path: Pa
 
 
 @pytest.mark.root
-@pytest.mark.slow
 def test_pvol_block_device_set_read_only_while_beating(
     loopdev_factory: Any, tmp_path: Path
 ) -> None:
