@@ -69,7 +69,7 @@ def write_beat(target: BeatTarget) -> WriteOutcome:
         if not target.claimed:
             claim_slot(target.volume, cfg.slot, cfg.id)
             target.claimed = True
-        # Files are synced once per batch by sync_batch(); block devices are O_DSYNC.
+        # Files are synced once per group by write_group(); block devices are O_DSYNC.
         write_slot(target.volume, cfg.slot, record.encode_block(target.volume.io_size), sync=False)
     except SlotTakenError as err:
         return WriteOutcome(err.reason, err.problem)
@@ -82,15 +82,30 @@ def write_beat(target: BeatTarget) -> WriteOutcome:
     return WriteOutcome("")
 
 
-def sync_batch(done: list[tuple[BeatTarget, WriteOutcome]]) -> None:
-    """Make a batch of file writes durable with one fdatasync per file (worker thread)."""
-    written = [t.volume for t, out in done if not out.reason and t.volume is not None]
+Group = tuple[BeatTarget, ...]  # the beats of one batch that go to one volume path
+
+
+def write_group(group: Group) -> list[WriteOutcome]:
+    """Write the beats of one volume and make them durable with one fdatasync (worker
+    thread; never raises).  One job per volume: a volume whose write or sync hangs stalls
+    its own job only, which the pool detaches; other volumes' beats are not held back."""
+    outs = [write_beat(target) for target in group]
+    written = [t.volume for t, out in zip(group, outs, strict=True) if not out.reason and t.volume]
     failed = sync_files(written)
     if failed:
-        for i, (target, out) in enumerate(done):
+        for i, target in enumerate(group):
             err = failed.get(id(target.volume))
-            if err is not None and not out.reason:
-                done[i] = (target, WriteOutcome(err.reason, str(err)))
+            if err is not None and not outs[i].reason:
+                outs[i] = WriteOutcome(err.reason, f"fdatasync: {err}")
+    return outs
+
+
+def by_volume(targets: list[BeatTarget]) -> list[Group]:
+    """``targets`` grouped by volume path, in first-seen order."""
+    groups: dict[str, list[BeatTarget]] = {}
+    for target in targets:
+        groups.setdefault(str(target.config.volume), []).append(target)
+    return [tuple(g) for g in groups.values()]
 
 
 class Beater:
@@ -124,8 +139,8 @@ class Beater:
         self._heap: list[tuple[float, int, BeatTarget]] = []
         self._seq = 0
         self._wake = anyio.Event()
-        self.pool: WorkerPool[BeatTarget, WriteOutcome] = WorkerPool(
-            write_beat, self._deliver, clock=clock, threads=threads, finish=sync_batch
+        self.pool: WorkerPool[Group, list[WriteOutcome]] = WorkerPool(
+            write_group, self._deliver_group, clock=clock, threads=threads
         )
         self.configure(beats)
 
@@ -185,7 +200,7 @@ class Beater:
                         following = now + target.config.interval
                     heapq.heappush(heap, (following, seq, target))
                 if batch:
-                    tg.start_soon(self.pool.run, batch)
+                    tg.start_soon(self.pool.run, by_volume(batch))
                 wait = heap[0][0] - self.clock.monotonic() if heap else 1.0
                 if self.pool.detached:
                     wait = min(wait, 0.05)
@@ -244,6 +259,10 @@ class Beater:
             target.stats.last_error = f"write to {target.stats.volume} stuck for {waited:.1f} s"
             log.error("beat %s: %s", target.stats.pair, target.stats.last_error)
 
+    def _deliver_group(self, group: Group, outs: list[WriteOutcome]) -> None:
+        for target, out in zip(group, outs, strict=True):
+            self._deliver(target, out)
+
     def _deliver(self, target: BeatTarget, out: WriteOutcome) -> None:
         target.inflight = target.hung = False
         if self._drained is not None and not any(t.inflight for t in self.targets.values()):
@@ -260,7 +279,12 @@ class Beater:
             return
         stats.errors[out.reason] += 1
         if out.detail != stats.last_error:
-            log.error("beat %s: %s", stats.pair, out.detail)
+            log.error(
+                "beat %s: %s (not fatal: retried every %g s)",
+                stats.pair,
+                out.detail,
+                target.config.interval,
+            )
             stats.last_error = out.detail
 
     async def stop(self) -> None:
@@ -288,7 +312,7 @@ class Beater:
                 if not target.inflight:
                     batch.append(self._submit(target, record))
             if batch:
-                await self.pool.run(batch)
+                await self.pool.run(by_volume(batch))
         if scope.cancelled_caught:
             log.warning("stopping records not all written within %.1f s", self.write_timeout)
         elif targets:

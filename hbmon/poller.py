@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 BATCH = 1024  # reads per worker-thread call (more threads only add GIL hand-offs)
 COALESCE = 0.05  # volumes due within 50 ms are read in one batch (<= 20 batches a second)
+# A kept-open volume is opened afresh this often (and at once after any error), so that a
+# detached loop device is not pinned by hbmon, and a replaced file or a re-pointed
+# /dev/disk/by-id link is followed, even while the old open file still reads fine.
+REOPEN_AFTER = 10.0
 
 
 @dataclass(eq=False, slots=True)
@@ -66,6 +70,8 @@ class Target:
     row: PathRow | None = None  # its row in the status table
     decoder: Decoder = field(init=False)
     volume: Volume | None = None  # kept open between polls; touched only by its worker
+    reopen_at: float = 0.0  # monotonic: read on a thread and opened afresh after this
+    reopen: bool = False  # the next read_target() opens the volume afresh
     inflight: bool = False
     due: float = 0.0  # when its next read is due (monotonic)
     submitted: float = 0.0
@@ -91,6 +97,9 @@ def read_target(target: Target) -> ReadOutcome:
     """Read and decode one slot.  Runs on a worker thread; never raises."""
     start = time.perf_counter()
     try:
+        if target.reopen:
+            target.reopen = False
+            _forget(target)
         if target.volume is None:
             target.volume = open_volume(target.path)
         data = read_slot(target.volume, target.slot)
@@ -236,6 +245,7 @@ class Poller:
         if not self._unseen and self.all_read.is_set():
             self.all_read = anyio.Event()
         self._unseen += 1
+        target.reopen_at = self.clock.monotonic() + REOPEN_AFTER
         # Spread first polls over one period so 10,000 volumes do not all fall due at once.
         phase = (zlib.crc32(pair.encode()) % 1000) / 1000 * timing.interval
         self._push(self.clock.monotonic() + phase, target)
@@ -357,6 +367,9 @@ class Poller:
                     lag = now - due
                 if not target.inflight:
                     vol = target.volume
+                    if vol is not None and now >= target.reopen_at:
+                        target.reopen_at = now + REOPEN_AFTER
+                        target.reopen, vol = True, None  # a thread reads it, opened afresh
                     if not (
                         inline
                         and vol is not None

@@ -29,6 +29,7 @@ from hbmon.errors import RecordError, SlotTakenError, VolumeError
 from hbmon.record import RECORD_SIZE, SLOT_SIZE, Record, decode, describe_slot
 
 BLKSSZGET = 0x1268  # ioctl: logical block size of a block device
+BLKGETSIZE64 = 0x80081272  # ioctl: size of a block device in bytes
 FILE_READ_SIZE = 512
 
 #: Local file systems whose buffered reads honour RWF_NOWAIT: a cached page is copied at
@@ -96,6 +97,13 @@ def open_volume(path: str, *, write: bool = False, create: bool = False) -> Volu
         if is_block:
             raw = fcntl.ioctl(fd, BLKSSZGET, b"\0\0\0\0")
             block_size = struct.unpack("i", raw)[0]
+            if not struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]:
+                raise VolumeError(
+                    path,
+                    "is a block device of size 0 (a detached loop device or a removed "
+                    "medium): attach it again",
+                    reason="missing",
+                )
             if block_size < RECORD_SIZE or SLOT_SIZE % block_size:
                 raise VolumeError(
                     path, f"logical block size {block_size} does not divide the 4096-byte slot"
@@ -187,6 +195,13 @@ def write_slot(vol: Volume, slot: int, block: bytes, *, sync: bool = True) -> No
             if sync:
                 os.fdatasync(vol.fd)
     except OSError as err:
+        if vol.is_block and err.errno == errno.EPERM:  # what a write-protected device says
+            raise VolumeError(
+                vol.path,
+                f"{err.strerror} (errno {err.errno}): the block device is read-only "
+                "(blockdev --getro); make it writable (blockdev --setrw) or beat elsewhere",
+                reason="read_only",
+            ) from None
         raise _error(vol.path, err) from None
     if n != len(block):
         raise VolumeError(vol.path, f"short write at slot {slot}: {n} of {len(block)} bytes")
@@ -235,5 +250,8 @@ def _error(path: str, err: OSError) -> VolumeError:
         errno.ENOENT: "missing",
         errno.EACCES: "permission",
         errno.EPERM: "permission",
+        errno.ENOSPC: "no_space",
+        errno.EDQUOT: "no_space",
+        errno.EROFS: "read_only",
     }.get(err.errno or 0, "io_error")
     return VolumeError(path, f"{err.strerror or err} (errno {err.errno})", reason=reason)

@@ -40,6 +40,7 @@ class _Batch(Generic[Item, Result]):
         "clock",
         "done",
         "finish",
+        "finished",
         "fn",
         "items",
         "lock",
@@ -68,6 +69,7 @@ class _Batch(Generic[Item, Result]):
         self.started = 0.0  # monotonic start of the running job
         self.stop = len(items)
         self.done = anyio.Event()
+        self.finished = False  # set last of all: every result is in ``results``
 
     def run(self) -> None:  # on a worker thread
         lock, fn, items, finish = self.lock, self.fn, self.items, self.finish
@@ -82,11 +84,14 @@ class _Batch(Generic[Item, Result]):
                 out.append((item, fn(item)))
                 self.pos = -1
         finally:
-            if finish is not None:
-                # Results are handed over only once the batch is finished (made durable).
-                finish(out)
-                self.results.extend(out)
-                self.pos = -1
+            try:
+                if finish is not None:
+                    # Results are handed over only once the batch is finished (made durable).
+                    finish(out)
+                    self.results.extend(out)
+                    self.pos = -1
+            finally:
+                self.finished = True
 
     def take(self) -> list[tuple[Item, Result]]:
         end = len(self.results)
@@ -156,10 +161,11 @@ class WorkerPool(Generic[Item, Result]):
             return
         keep = []
         for batch in self.detached:
+            # Read before taking: once set, every result is there to take.  (``pos < 0``
+            # is not enough: between jobs, or during ``finish``, results are still due.)
+            finished = batch.finished
             for item, result in batch.take():
                 self.deliver(item, result)
-            with batch.lock:
-                finished = batch.pos < 0
             if not finished:
                 keep.append(batch)
         self.detached = keep
