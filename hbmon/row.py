@@ -148,6 +148,11 @@ class PathRow:
                 and now - self.last_change >= t.miss_threshold * t.interval  # ...went stale
                 and not self.undead
                 and rec.state is State.ACTIVE
+                # ...and the writer did not beat meanwhile: a frozen writer resumes one
+                # serial on; a writer that kept beating while the reader (a stalled read)
+                # or the path (a cut link) could not see it has skipped many.
+                and rec.serial - (self.serial or 0)
+                < max(2.0, (now - self.last_change) / max(rec.interval, 0.001) / 2)
             ):
                 # Same incarnation after a stale silence: a frozen host that resumed, or
                 # only this path coming back.  The table asks the other path which.

@@ -582,12 +582,6 @@ def test_pvol_block_device_set_read_only_while_beating(
 
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug in hbmon/row.py (not this branch's to fix): observe_record flags "
-    "'resumed' after any gap of miss_threshold x interval, even one caused by the reader's "
-    "own stalled read while the writer kept beating (the serial jumped by many)",
-)
 def test_a_stalled_read_is_not_an_undead_writer(faultfs: FaultFS, tmp_path: Path) -> None:
     """An SVOL read that stalls for longer than ``miss_threshold x interval`` (as during a
     multipath failover) and then returns: the row was ``io_hung``, never declared stale,
