@@ -10,6 +10,8 @@ from pathlib import Path
 import anyio
 import pytest
 from conftest import LoopdevFactory, need
+from faultfs import FaultFS
+from faultfs import available as faultfs_available
 
 from hbmon.clock import SystemClock
 from hbmon.config import Timing
@@ -137,3 +139,69 @@ def test_threads_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     poller = Poller(table, clock, threads=2)
     assert poller.ring is None
     assert table.io_backend == "threads"
+
+
+async def test_a_read_the_device_never_answers_is_io_hung_and_recovers(
+    loopdev_factory: LoopdevFactory, tmp_path: Path
+) -> None:
+    """A loop device whose backing file sits on the fault-injecting FUSE file system
+    (tests/faultfs.py), set to hang every read: the O_DIRECT read through the ring never
+    completes.  The row turns io_hung at its read_timeout with no thread stuck (the read
+    waits in the ring), the row on another device keeps beating, and once the file
+    system answers again the row is alive."""
+    require_uring()
+    why = faultfs_available()
+    need(why is None, f"faultfs: {why}")
+    _, dev_b = loopdev_factory(1 << 20)
+    listed = await anyio.run_process(["losetup", "--noheadings", "--output", "BACK-FILE", dev_b])
+    image_b = Path(listed.stdout.decode().strip())
+    with FaultFS(tmp_path / "ffs") as fs:
+        backing = fs.real("dev.img")
+        backing.write_bytes(bytes(1 << 20))
+        attached = await anyio.run_process(["losetup", "--find", "--show", str(fs.path("dev.img"))])
+        dev_a = attached.stdout.decode().strip()
+        try:
+            clock = SystemClock()
+            table = StatusTable(clock)
+            poller = Poller(table, clock, threads=2, ring=True)
+            timing = Timing(interval=0.1, read_timeout=0.5, miss_threshold=3)
+            serial = 1
+            write_image(backing, 0, Record("hung", 5, serial, 1.7e9, 0.1))
+            write_image(image_b, 0, Record("fine", 5, serial, 1.7e9, 0.1))
+            poller.watch("hung", dev_a, 0, "volume", timing)
+            poller.watch("fine", dev_b, 0, "volume", timing)
+
+            async def beat(seconds: float) -> None:
+                nonlocal serial
+                for _ in range(round(seconds / 0.1)):
+                    serial += 1
+                    write_image(backing, 0, Record("hung", 5, serial, 1.7e9, 0.1))
+                    write_image(image_b, 0, Record("fine", 5, serial, 1.7e9, 0.1))
+                    await anyio.sleep(0.1)
+
+            def state(pair: str) -> str:
+                row = table.row(pair, "volume")
+                assert row is not None
+                return row.state
+
+            async with anyio.create_task_group() as tg:
+                await tg.start(poller.run)
+                with fs.healing():
+                    await beat(1.5)
+                    assert (state("hung"), state("fine")) == ("alive", "alive")
+                    assert poller.ring is not None
+                    submitted = poller.ring.submitted_total
+                    fs.set("dev.img", read="hang")
+                    await beat(1.5)
+                    assert state("hung") == "io_hung"
+                    assert state("fine") == "alive"
+                    assert poller.ring.submitted_total > submitted  # the ring was reading
+                    assert poller.ring.ring.inflight >= 1  # the hung read waits in the ring
+                    assert table.workers_stuck == 0  # and holds no thread
+                fs.heal()
+                await beat(2.0)
+                assert (state("hung"), state("fine")) == ("alive", "alive")
+                tg.cancel_scope.cancel()
+        finally:
+            fs.heal()
+            await anyio.run_process(["losetup", "-d", dev_a], check=False)
