@@ -245,9 +245,11 @@ class Poller:
         if not self._unseen and self.all_read.is_set():
             self.all_read = anyio.Event()
         self._unseen += 1
-        target.reopen_at = self.clock.monotonic() + REOPEN_AFTER
-        # Spread first polls over one period so 10,000 volumes do not all fall due at once.
-        phase = (zlib.crc32(pair.encode()) % 1000) / 1000 * timing.interval
+        # Spread first polls over one period so 10,000 volumes do not all fall due at once,
+        # and first reopens over one REOPEN_AFTER, so they come a few a tick, not all at once.
+        spread = (zlib.crc32(pair.encode()) % 1000) / 1000
+        phase = spread * timing.interval
+        target.reopen_at = self.clock.monotonic() + REOPEN_AFTER * (1 + spread)
         self._push(self.clock.monotonic() + phase, target)
 
     def unwatch(self, pair: str) -> None:
