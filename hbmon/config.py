@@ -119,6 +119,7 @@ class SiteConfig:
     method: str = "both"
     io_threads: int = 8
     log_changes: int = 50  # state changes logged one by one per second (0: all)
+    reopen: float = 60.0  # a kept-open volume is opened afresh this often
     network: NetworkConfig = field(default_factory=NetworkConfig)
     webhook_token_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -201,6 +202,13 @@ def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"expected a whole number of at least 1, got {value!r}")
     return value
+
+
+def _reopen_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds < 1.0:
+        raise ValueError(f"expected a duration of at least 1s, got {value!r}")
+    return seconds
 
 
 def _non_negative_int(value: Any) -> int:
@@ -344,6 +352,7 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
         method=method,
         io_threads=top.get("io_threads", _positive_int, 8),
         log_changes=top.get("log_changes", _non_negative_int, 50),
+        reopen=top.get("reopen", _reopen_duration, 60.0),
         network=network,
         webhook_token_file=token_file,
         tls_cert_file=top.get("tls_cert_file", as_path, None),

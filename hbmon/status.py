@@ -164,13 +164,15 @@ class Histogram:
         10.0,
     )
 
+    __slots__ = ("counts", "n", "total")
+
     def __init__(self) -> None:
         self.counts = [0] * (len(self.BOUNDS) + 1)
         self.total = 0.0
         self.n = 0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.BOUNDS, value)] += 1
+    def observe(self, value: float) -> None:  # once per read: kept to plain local lookups
+        self.counts[_bisect_left(_BOUNDS, value)] += 1
         self.total += value
         self.n += 1
 
@@ -180,6 +182,10 @@ class Histogram:
             running += count
             out.append((bound, running))
         return out
+
+
+_BOUNDS = Histogram.BOUNDS
+_bisect_left = bisect.bisect_left
 
 
 class StatusTable:

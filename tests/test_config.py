@@ -34,6 +34,7 @@ grace = "10s"
 method = "both"
 io_threads = 16
 log_changes = 0
+reopen = "30s"
 
 [network]
 listen = "0.0.0.0:9798"
@@ -115,6 +116,7 @@ def test_full_example(tmp_path: Path) -> None:
     assert config.method == "both"
     assert config.io_threads == 16
     assert config.log_changes == 0
+    assert config.reopen == 30.0
     top = Timing(interval=1.0, miss_threshold=3, recover_beats=2, read_timeout=2.0, grace=10.0)
     assert config.timing == top
     assert config.network == NetworkConfig("0.0.0.0:9798", Path("/etc/hbmon/hb.key"))
@@ -212,6 +214,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.method == "both"
     assert config.io_threads == 8
     assert config.log_changes == 50
+    assert config.reopen == 60.0
     assert config.network == NetworkConfig()
     assert config.webhook_token_file is None
     assert config.beats == config.watches == config.watch_globs == ()
@@ -395,6 +398,7 @@ def test_miss_threshold_one_says_why(tmp_path: Path) -> None:
         (MINIMAL + "recover_beats = 0\n", "recover_beats"),
         (MINIMAL + "io_threads = 0\n", "io_threads"),
         (MINIMAL + "log_changes = -1\n", "log_changes"),
+        (MINIMAL + 'reopen = "500ms"\n', "reopen"),
         (MINIMAL + 'listen = "localhost"\n', "listen"),
         (MINIMAL + 'listen = "localhost:http"\n', "listen"),
         (MINIMAL + 'state_dir = ""\n', "state_dir"),

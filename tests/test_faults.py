@@ -422,7 +422,7 @@ def test_loop_devices_detached_and_reattached_while_polled(
     link.symlink_to(devs["new-name"])
     paths = {"same-name": devs["same-name"], "new-name": str(link), "loop-ok": devs["loop-ok"]}
     paths["plain"] = str(plain)
-    config = _head(tmp_path, "loops")
+    config = _head(tmp_path, "loops", reopen='"10s"')
     for pair, path in paths.items():
         config += _watch(pair, path)
     healthy = ["loop-ok", "plain"]
@@ -450,8 +450,9 @@ def test_loop_devices_detached_and_reattached_while_polled(
                         shown.setdefault(pair, time.monotonic() - detached_at)
                 return len(shown) == len(detached)
 
-            # Within 10 s (REOPEN_AFTER) plus a poll; a process that has the device open
-            # at that moment (udev's blkid) delays the teardown to the next reopen.
+            # Within 10-20 s (reopen = 10s, first reopens spread over one period) plus a
+            # poll; a process that has the device open at that moment (udev's blkid)
+            # delays the teardown to the next reopen.
             wait_for(shown_missing, 35.0, "the detached loop devices to show io_error/missing")
             assert "size 0" in site.row("same-name")["detail"]
             text = site.metrics()
