@@ -125,9 +125,14 @@ class Renderer:
         self.site = site
         self._rows: dict[tuple[str, str], _RowText] = {}
         self._pairs: dict[str, _PairText] = {}
+        self._inputs: tuple[int, Inputs] = (-1, [])
 
     def inputs(self) -> Inputs:
-        """A consistent list of what to render (call on the event loop: cheap)."""
+        """A consistent list of what to render (call on the event loop).  Kept between
+        scrapes until pairs or their paths change (``StatusTable.generation``)."""
+        generation = self.table.generation
+        if self._inputs[0] == generation:
+            return self._inputs[1]
         out = []
         rows, pairs = self._rows, self._pairs
         for pair in self.table.pairs.values():
@@ -144,6 +149,7 @@ class Renderer:
             live = {(p.id, r.path) for p, items in out for r, _ in items}
             self._rows = {k: v for k, v in rows.items() if k in live}
             self._pairs = {k: v for k, v in pairs.items() if k in {p.id for p, _ in out}}
+        self._inputs = (generation, out)
         return out
 
     def render(self, inputs: Inputs) -> bytes:
@@ -214,26 +220,28 @@ class Renderer:
                 (pairs_text.get(pair.id) or _PairText(pair.id)).verdict_block(pair.verdict)
                 for pair, _ in chunk
             ]
-            # What is rare: timing warnings, read errors, clock skew.
+            # Rows with a timing warning or read errors are rare: found with cheap tests.
+            for row, text in rows:
+                declared, slowest = row.declared_interval, row.slowest_read
+                t = row.timing
+                if (declared is not None and declared != t.interval) or (
+                    slowest and slowest >= (t.miss_threshold - 1) * t.interval
+                ):
+                    lb = text.labels
+                    for w in row.timing_warnings():
+                        warning.append(f'{{{lb},warning="{w}"}} 1.0\n')
+                if row.errors and row.path == "volume":
+                    label = (pairs_text.get(row.pair) or _PairText(row.pair)).label
+                    for reason, count in sorted(list(row.errors.items())):
+                        errors.append(f'{{{label},reason="{reason}"}} {count}.0\n')
+            # Clock skew, one line a pair: the volume path's, else the network path's.
             for pair, items in chunk:
                 skew_value: float | None = None
-                label = ""
-                for row, text in items:
-                    t = row.timing
-                    if row.slowest_read >= (
-                        t.miss_threshold - 1
-                    ) * t.interval or row.declared_interval not in (None, t.interval):
-                        lb = text.labels
-                        for w in row.timing_warnings():
-                            warning.append(f'{{{lb},warning="{w}"}} 1.0\n')
+                for row, _ in items:
                     if row.skew is not None and (skew_value is None or row.path == "volume"):
                         skew_value = row.skew
-                    if row.errors and row.path == "volume":
-                        label = label or (pairs_text.get(pair.id) or _PairText(pair.id)).label
-                        for reason, count in sorted(list(row.errors.items())):
-                            errors.append(f'{{{label},reason="{reason}"}} {count}.0\n')
                 if skew_value is not None:
-                    label = label or (pairs_text.get(pair.id) or _PairText(pair.id)).label
+                    label = (pairs_text.get(pair.id) or _PairText(pair.id)).label
                     skew.append(f"{{{label}}} {skew_value!r}\n")
         for key, lines, prefixed in (
             ("age", age, True),

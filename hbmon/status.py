@@ -212,6 +212,7 @@ class StatusTable:
         self.started = clock.monotonic()
         self.last_poll_tick = self.started
         self.changes = ChangeLog(log)
+        self.generation = 0  # bumped whenever pairs or their paths change (renderer caches)
 
     def add_pair(
         self,
@@ -225,6 +226,7 @@ class StatusTable:
         failover_single_path: bool = False,
     ) -> Pair:
         """Add a pair (or update its policy, keeping its rows) and create its rows."""
+        self.generation += 1
         now = self.clock.monotonic()
         pair = self.pairs.get(pair_id)
         if pair is None:
@@ -257,6 +259,7 @@ class StatusTable:
         return pair
 
     def remove_pair(self, pair_id: str) -> None:
+        self.generation += 1
         pair = self.pairs.pop(pair_id, None)
         for row in () if pair is None else pair.rows.values():
             row.timer = -1.0  # its heap entry, if any, no longer matches: dropped when due

@@ -98,3 +98,29 @@ def test_promtool_accepts_the_fast_rendering(promtool: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout + result.stderr == b""
+
+
+def test_pairs_added_and_removed_between_scrapes_are_rendered() -> None:
+    """The renderer keeps its list of rows between scrapes; adding or removing a pair (or
+    changing its method, hence its paths) shows on the next scrape."""
+    table = busy_table()
+    renderer = Renderer(table, site_registry(table))
+
+    def pairs_in(body: bytes) -> set[str]:
+        return {
+            s.labels["pair"]
+            for family in text_string_to_metric_families(body.decode())
+            if family.name == "hbmon_pair_verdict"
+            for s in family.samples
+        }
+
+    before = pairs_in(renderer.render(renderer.inputs()))
+    assert "late-comer" not in before
+    table.add_pair("late-comer", "volume", Timing(), volume="/v/late")
+    assert pairs_in(renderer.render(renderer.inputs())) == before | {"late-comer"}
+    gone = sorted(before)[0]
+    table.remove_pair(gone)
+    assert pairs_in(renderer.render(renderer.inputs())) == (before | {"late-comer"}) - {gone}
+    table.add_pair("late-comer", "both", Timing(), volume="/v/late")  # a second path
+    body = renderer.render(renderer.inputs()).decode()
+    assert 'hbmon_heartbeat_up{pair="late-comer",path="network"}' in body
