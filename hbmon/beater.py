@@ -32,6 +32,11 @@ from hbmon.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
+# Beats due within 50 ms are written in one batch (one thread hand-off): at 1,000 beats a
+# second, 20 hand-offs instead of 100 (each costs ~50-100 us of CPU).  A beat is written
+# at most 50 ms early, never late; readers allow for it (status.POLL_JITTER).
+COALESCE = 0.05
+
 
 def new_incarnation() -> int:
     """A random, non-zero 64-bit incarnation for one writer start."""
@@ -183,9 +188,13 @@ class Beater:
                 self.pool.harvest()
                 now = self.clock.monotonic()
                 batch = []
-                while heap and heap[0][0] <= now + 0.01:
+                later = []  # pushed back after the loop: each beat is taken once a tick
+                while heap and heap[0][0] <= now + COALESCE:
                     due, seq, target = heapq.heappop(heap)
                     if target.removed:
+                        continue
+                    if due > now + target.config.interval / 4:  # a short interval: not yet
+                        later.append((due, seq, target))
                         continue
                     if not target.paused and not self.stopping:
                         record = self._next_record(target, State.ACTIVE)
@@ -198,7 +207,9 @@ class Beater:
                     following = due + target.config.interval
                     if following <= now:
                         following = now + target.config.interval
-                    heapq.heappush(heap, (following, seq, target))
+                    later.append((following, seq, target))
+                for entry in later:
+                    heapq.heappush(heap, entry)
                 if batch:
                     tg.start_soon(self.pool.run, by_volume(batch))
                 wait = heap[0][0] - self.clock.monotonic() if heap else 1.0
