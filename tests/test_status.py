@@ -768,3 +768,28 @@ def test_snapshot_is_json_serialisable(table: StatusTable, clock: FakeClock) -> 
     assert waiting["age"] is None
     assert waiting["incarnation"] is None
     assert waiting["clock_skew"] is None
+
+
+def test_a_resumed_writer_is_one_serial_on_a_hidden_one_many() -> None:
+    """After a stale silence, the same incarnation one serial on is a frozen writer that
+    resumed (an undead candidate); many serials on, the writer beat all along and only the
+    reader (a stalled read) or the path (a cut link) could not see it."""
+    frozen = Feed()
+    frozen.beat()
+    frozen.clock.advance(1)
+    frozen.beat()
+    assert frozen.state() == "alive"
+    assert frozen.wait(5) == "stale"
+    frozen.clock.advance(1)
+    frozen.beat()  # serial + 1 after 6 s of silence
+    assert frozen.row.resumed
+
+    hidden = Feed()
+    hidden.beat()
+    hidden.clock.advance(1)
+    hidden.beat()
+    assert hidden.wait(5) == "stale"
+    hidden.clock.advance(1)
+    hidden.serial += 5  # the writer beat on while nobody saw it
+    hidden.beat()
+    assert not hidden.row.resumed
