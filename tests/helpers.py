@@ -229,6 +229,17 @@ def running_site(config_text: str, tmp_path: Path, name: str = "site") -> Iterat
 # -- records and "remote copy" ---------------------------------------------------------
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` if it still runs and wait; SIGKILL it after ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def pwrite_sync(path: Path | str, offset: int, data: bytes, *, sync: bool = True) -> None:
     """Write ``data`` at ``offset`` of a file and fsync it (underneath any loop device)."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)

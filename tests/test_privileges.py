@@ -29,7 +29,15 @@ from pathlib import Path
 
 import pytest
 from conftest import LoopdevFactory, need, require_root
-from helpers import free_port, http_get, metric_value, pwrite_sync, record_block, wait_for
+from helpers import (
+    free_port,
+    http_get,
+    metric_value,
+    pwrite_sync,
+    record_block,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.root]
 
@@ -143,13 +151,7 @@ def unprivileged_site(config: Path, port: int, work: Path) -> Iterator[subproces
         exc.add_note(log.read_text(errors="replace")[-3000:])
         raise
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_the_shipped_unit_drops_what_this_test_drops() -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import need, require_root
-from helpers import free_port, http_get, metric_value, wait_for
+from helpers import free_port, http_get, metric_value, stop_process, wait_for
 
 from hbmon.config import parse_config
 from hbmon.errors import ConfigError
@@ -183,13 +182,7 @@ def tls_site(config_text: str, tmp_path: Path, context: ssl.SSLContext) -> Itera
         exc.add_note(log.read_text(errors="replace")[-3000:])
         raise
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     assert proc.returncode == 0, log.read_text()
     assert "HTTP on https://127.0.0.1:" in log.read_text()
 
@@ -407,12 +400,7 @@ def test_the_default_listen_address_is_loopback_only(tmp_path: Path) -> None:
         assert probe("127.0.0.1") == "open"
         assert probe("192.0.2.1") == "ConnectionRefusedError"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     assert proc.returncode == 0, log.read_text()
 
 
@@ -441,16 +429,6 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT)  # fmt: skip
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def get_json(url: str) -> Any:
@@ -517,7 +495,7 @@ def test_prometheus_scrapes_hbmon_over_tls_with_a_client_certificate(
             result = get_json(f"{url}/api/v1/query?query={query}")["data"]["result"]
             assert len(result) == 1, result
         finally:
-            stop(proc)
+            stop_process(proc)
 
 
 @pytest.mark.tools
@@ -582,7 +560,7 @@ def test_alertmanager_calls_the_webhook_over_tls(tmp_path: Path, pki: Pki) -> No
                 == 1.0
             )
         finally:
-            stop(proc)
+            stop_process(proc)
     log = (folder / "alertmanager.log").read_text()
     assert "certificate" not in log.lower(), log[-2000:]
 
