@@ -21,7 +21,8 @@ SUMMARY_KINDS = 6  # kinds named in a summary line, most frequent first
 
 
 class ChangeLog:
-    """Logs changes at most ``burst`` per ``window``; counts and sums up the rest.
+    """Logs changes at most ``burst`` per ``window`` (0: no limit); counts and sums up
+    the rest.
 
     Time is the caller's monotonic ``now`` (the table's clock), so tests on a fake
     clock see the same behaviour as a running daemon.
@@ -43,7 +44,7 @@ class ChangeLog:
         if now - self.started >= self.window:
             self.flush(now)
             self.started, self.logged = now, 0
-        if self.logged < self.burst:
+        if self.logged < self.burst or not self.burst:  # burst 0: every change
             self.logged += 1
             self.logger.info(message, *args)
         else:

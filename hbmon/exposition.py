@@ -95,7 +95,7 @@ class _PairText:
         return block
 
 
-CHUNK = 500  # pairs formatted between two pauses of render_async (a few milliseconds)
+CHUNK = 500  # pairs formatted between two pauses of stream() (a few milliseconds)
 PIECE = 2000  # lines per piece handed to the HTTP response
 TRIM_ABOVE = 4 << 20  # bytes of body after which the C heap is given back to the system
 
@@ -172,10 +172,6 @@ class Renderer:
                 yield piece
         if size > TRIM_ABOVE:
             trim_heap()
-
-    async def render_async(self, inputs: Inputs) -> bytes:
-        """The whole page from :meth:`stream`, as one bytes object."""
-        return b"".join([piece async for piece in self.stream(inputs)])
 
     def steps(self, inputs: Inputs) -> Generator[bytes | None, None, None]:
         """Render: yields None to pause (every ``CHUNK`` pairs), then the page in pieces."""

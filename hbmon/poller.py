@@ -23,7 +23,6 @@ while every other volume keeps its cadence.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fnmatch
 import glob
 import heapq
@@ -44,7 +43,14 @@ from hbmon.errors import RecordError, VolumeError
 from hbmon.record import RECORD_SIZE, Decoder, Record
 from hbmon.ringreads import RingReads
 from hbmon.status import PathRow, StatusTable
-from hbmon.volume import FILE_READ_SIZE, Volume, open_volume, read_slot, read_slot_nowait
+from hbmon.volume import (
+    FILE_READ_SIZE,
+    Volume,
+    open_volume,
+    read_slot,
+    read_slot_nowait,
+    volume_error,
+)
 from hbmon.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -415,9 +421,8 @@ class Poller:
         now, wall = self.clock.monotonic(), self.clock.wall()
         if data is None:
             _forget(target)  # reopened (on a thread) by the next read
-            reason = {errno.EACCES: "permission", errno.EPERM: "permission"}.get(error, "io_error")
-            detail = f"{os.strerror(error)} (errno {error})"
-            self._deliver(target, ReadOutcome("io_error", None, reason, detail, duration))
+            err = volume_error(target.path, OSError(error, os.strerror(error)))
+            self._deliver(target, ReadOutcome("io_error", None, err.reason, err.problem, duration))
             return
         if not self._take(target, data, data[: RECORD_SIZE - 4], duration, now, wall):
             # Not a plain next beat: read it again on a thread, which names what it is.
@@ -457,10 +462,7 @@ class Poller:
             target.inflight = False
             incarnation, serial, writer_time, interval = fields
             if row.observe_next(incarnation, serial, writer_time, interval, now, wall):
-                self.table.read_duration.observe(duration)
-                if duration >= 0.001 or row.slowest_read >= 0.001:  # (seconds matter there)
-                    row.observe_latency(duration)
-                target.hung = False
+                self._read_done(target, row, duration)
                 return True
         try:
             record = target.decoder(bytes(data))
@@ -468,6 +470,12 @@ class Poller:
             return False
         self._deliver(target, ReadOutcome("record", record, "", "", duration))
         return True
+
+    def _read_done(self, target: Target, row: PathRow, duration: float) -> None:
+        """The bookkeeping of a read that found the next beat (the row took it)."""
+        self.table.read_duration.observe(duration)
+        row.observe_latency(duration)
+        target.hung = False
 
     def _sleep_time(self) -> float:
         wait = self._keys[0] * COALESCE - self.clock.monotonic() if self._keys else 1.0
@@ -498,9 +506,7 @@ class Poller:
         if record is not None and row is not None and target.seen and target.active:
             now = self.clock.monotonic()
             if row.observe_next_beat(record, now, self.clock.wall()):
-                self.table.read_duration.observe(out.duration)
-                row.observe_latency(out.duration)
-                target.hung = False
+                self._read_done(target, row, out.duration)
                 return
         if not target.active:
             _forget(target)

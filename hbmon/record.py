@@ -208,7 +208,6 @@ _ZERO_TAIL = bytes(20)
 _ZERO_PAD = [bytes(MAX_ID_BYTES - n) for n in range(MAX_ID_BYTES + 1)]
 
 
-_FAST = struct.Struct("<BBIQQq")  # state .. writer_time_ns, at offset 10
 _MAGIC_VERSION = MAGIC + VERSION.to_bytes(2, "little")
 # The whole record in one call: magic+version, state, reserved, interval_ms, incarnation,
 # serial, writer_time_ns, id length+id+padding+reserved, crc32.
@@ -233,14 +232,19 @@ class Decoder:
         self.id_field = bytes([len(raw)]) + raw.ljust(MAX_ID_BYTES, b"\0") + _ZERO_TAIL
 
     def __call__(self, data: bytes | bytearray) -> Record:
-        if (
-            data[:10] == _MAGIC_VERSION
-            and data[40:124] == self.id_field
-            and zlib.crc32(data[:_CRC_OFFSET]) == int.from_bytes(data[_CRC_OFFSET:128], "little")
-        ):
-            state, reserved, interval_ms, incarnation, serial, time_ns = _FAST.unpack_from(data, 10)
+        if len(data) >= RECORD_SIZE:
+            (magic, state, reserved, interval_ms, incarnation, serial, time_ns, ident, crc) = (
+                _HOT.unpack_from(data)
+            )
             record_state = _STATES.get(state)
-            if record_state is not None and not reserved and interval_ms:
+            if (
+                magic == _MAGIC_VERSION
+                and ident == self.id_field
+                and record_state is not None
+                and not reserved
+                and interval_ms
+                and crc == zlib.crc32(memoryview(data)[:_CRC_OFFSET])
+            ):
                 return Record(
                     self.pair_id,
                     incarnation,

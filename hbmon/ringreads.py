@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from hbmon.record import SLOT_SIZE
 from hbmon.uring import Ring, available, buffer_address
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class RingReads:
             assert vol is not None
             slot = self.free.pop()
             self.reading[slot], self.started[slot] = target, now
-            offset = target.slot * SLOT_BYTES
+            offset = target.slot * SLOT_SIZE
             reads.append((vol.fd, self.base + slot * SLOT_BYTES, vol.block_size, offset, slot + 1))
         try:
             self.ring.submit(reads)

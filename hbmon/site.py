@@ -52,7 +52,7 @@ class Site:
         self.clock = clock or SystemClock()
         self.listen = listen or config.listen
         self.table = StatusTable(self.clock, site=config.site)
-        self.table.changes.burst = config.log_changes or 1 << 62
+        self.table.changes.burst = config.log_changes
         self.registry = site_registry(self.table)
         key = load_secret(config.network.key_file) if config.network.key_file else None
         self.sender = NetSender(key) if key is not None else None
@@ -151,7 +151,7 @@ class Site:
         The network key, the webhook token, the TLS files and the HTTP and UDP listen
         addresses are taken at start only.
         """
-        self.table.changes.burst = config.log_changes or 1 << 62
+        self.table.changes.burst = config.log_changes
         self.poller.configure(config)
         await self.poller.rescan(refresh=True)
         if self._tg is not None:

@@ -79,7 +79,7 @@ def open_volume(path: str, *, write: bool = False, create: bool = False) -> Volu
             raise VolumeError(path, "does not exist", reason="missing") from None
         st = None
     except OSError as err:
-        raise _error(path, err) from None
+        raise volume_error(path, err) from None
     is_block = st is not None and stat.S_ISBLK(st.st_mode)
     flags = os.O_RDWR if write else os.O_RDONLY
     flags |= os.O_CLOEXEC
@@ -92,7 +92,7 @@ def open_volume(path: str, *, write: bool = False, create: bool = False) -> Volu
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as err:
-        raise _error(path, err) from None
+        raise volume_error(path, err) from None
     try:
         if is_block:
             raw = fcntl.ioctl(fd, BLKSSZGET, b"\0\0\0\0")
@@ -129,7 +129,7 @@ def read_slot(vol: Volume, slot: int) -> bytes:
             return vol.buffer[:n]
         return os.pread(vol.fd, vol.io_size, offset)
     except OSError as err:
-        raise _error(vol.path, err) from None
+        raise volume_error(vol.path, err) from None
 
 
 def read_slot_nowait(vol: Volume, slot: int, buffer: bytearray) -> int:
@@ -202,7 +202,7 @@ def write_slot(vol: Volume, slot: int, block: bytes, *, sync: bool = True) -> No
                 "(blockdev --getro); make it writable (blockdev --setrw) or beat elsewhere",
                 reason="read_only",
             ) from None
-        raise _error(vol.path, err) from None
+        raise volume_error(vol.path, err) from None
     if n != len(block):
         raise VolumeError(vol.path, f"short write at slot {slot}: {n} of {len(block)} bytes")
 
@@ -221,7 +221,7 @@ def sync_files(volumes: list[Volume]) -> dict[int, VolumeError]:
             os.fdatasync(group[0].fd)
         except OSError as err:
             for vol in group:
-                failed[id(vol)] = _error(vol.path, err)
+                failed[id(vol)] = volume_error(vol.path, err)
     return failed
 
 
@@ -245,7 +245,8 @@ def claim_slot(vol: Volume, slot: int, pair_id: str, *, force: bool = False) -> 
         raise SlotTakenError(vol.path, slot, describe_slot(data)) from None
 
 
-def _error(path: str, err: OSError) -> VolumeError:
+def volume_error(path: str, err: OSError) -> VolumeError:
+    """The VolumeError for ``err`` on ``path``, its reason named from the errno."""
     reason = {
         errno.ENOENT: "missing",
         errno.EACCES: "permission",

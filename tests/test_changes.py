@@ -79,3 +79,12 @@ def test_a_site_going_stale_at_once_logs_a_bounded_number_of_lines(
     summary = caplog.records[-1].getMessage()
     assert summary.startswith("... and 950 more state change(s)"), summary
     assert "volume alive -> stale: 450" in summary or "verdict alive -> host_down" in summary
+
+
+def test_burst_zero_logs_every_change(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOG.name)
+    changes = ChangeLog(LOG, burst=0, window=1.0)
+    for i in range(200):
+        changes.change(5.0, "k", "change %d", i)
+    changes.flush(7.0)
+    assert lines(caplog) == [f"change {i}" for i in range(200)]
