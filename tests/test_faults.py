@@ -84,6 +84,26 @@ def _check_healthy(rows: dict[tuple[str, str], dict[str, Any]], healthy: list[st
         assert row["age"] < HEALTHY_AGE, row
 
 
+def _wait_all_alive(
+    site: Site, pairs: list[str], healthy: list[str], since: float, what: str
+) -> dict[str, float]:
+    """Wait (6 s at most) until every one of ``pairs`` is alive on its volume path, the
+    ``healthy`` ones staying healthy meanwhile; returns the seconds each took after
+    ``since``."""
+    took: dict[str, float] = {}
+
+    def all_alive() -> bool:
+        rows = site.rows()
+        _check_healthy(rows, healthy)
+        for pair in pairs:
+            if rows[pair, "volume"]["state"] == "alive":
+                took.setdefault(pair, time.monotonic() - since)
+        return len(took) == len(pairs)
+
+    wait_for(all_alive, 6.0, what)
+    return took
+
+
 # -- read faults ----------------------------------------------------------------------------
 
 READ_FAULTS = {
@@ -165,17 +185,9 @@ def test_read_faults_each_get_their_own_state(faultfs: FaultFS, tmp_path: Path) 
 
             healed = time.monotonic()
             faultfs.heal()
-            recovered: dict[str, float] = {}
-
-            def all_alive() -> bool:
-                rows = site.rows()
-                _check_healthy(rows, healthy)
-                for pair in faulty:
-                    if rows[pair, "volume"]["state"] == "alive":
-                        recovered.setdefault(pair, time.monotonic() - healed)
-                return len(recovered) == len(faulty)
-
-            wait_for(all_alive, 6.0, "every healed SVOL alive again")
+            recovered = _wait_all_alive(
+                site, list(faulty), healthy, healed, "every healed SVOL alive again"
+            )
             wait_for(
                 lambda: metric_value(site.metrics(), "hbmon_workers_stuck") == 0,
                 3.0,
@@ -469,17 +481,13 @@ def test_loop_devices_detached_and_reattached_while_polled(
             tmp_link = by_id / "wwn-new-name.tmp"
             tmp_link.symlink_to(new_dev)
             tmp_link.replace(link)  # as udev re-points /dev/disk/by-id
-            back: dict[str, float] = {}
-
-            def all_back() -> bool:
-                rows = site.rows()
-                _check_healthy(rows, healthy)
-                for pair in detached:
-                    if rows[pair, "volume"]["state"] == "alive":
-                        back.setdefault(pair, time.monotonic() - reattached_at)
-                return len(back) == len(detached)
-
-            wait_for(all_back, 6.0, "the re-attached loop devices alive again")
+            back = _wait_all_alive(
+                site,
+                list(detached),
+                healthy,
+                reattached_at,
+                "the re-attached loop devices alive again",
+            )
             io = site.metrics()
             print(f"{backend}: io_error/missing after {shown}, alive again after {back}")
             want = "io_uring" if backend == "auto" and uring_available() else "threads"

@@ -61,6 +61,18 @@ def test_the_budget_follows_the_open_file_limit() -> None:
     assert budget == soft_after - 100
 
 
+def file_poller(tmp_path: Path, count: int) -> tuple[StatusTable, Poller, list[Path]]:
+    """A poller watching ``count`` file volumes (interval 0.1 s), each with a record."""
+    clock = SystemClock()
+    table = StatusTable(clock)
+    poller = Poller(table, clock, threads=2)
+    paths = [tmp_path / f"v{i}.vol" for i in range(count)]
+    for path in paths:
+        write_record(path, path.stem, 1)
+        poller.watch(path.stem, str(path), 0, "volume", Timing(interval=0.1))
+    return table, poller, paths
+
+
 async def run_poller(poller: Poller, paths: list[Path], beats: int = 10) -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(poller.run)
@@ -74,13 +86,7 @@ async def run_poller(poller: Poller, paths: list[Path], beats: int = 10) -> None
 async def test_cached_file_volumes_are_read_inline_and_judged_the_same(tmp_path: Path) -> None:
     """Regular files on a local file system are read on the loop with RWF_NOWAIT (no
     thread); the rows they feed see the same beats as threaded reads would."""
-    clock = SystemClock()
-    table = StatusTable(clock)
-    poller = Poller(table, clock, threads=2)
-    paths = [tmp_path / f"v{i}.vol" for i in range(4)]
-    for path in paths:
-        write_record(path, path.stem, 1)
-        poller.watch(path.stem, str(path), 0, "volume", Timing(interval=0.1))
+    table, poller, paths = file_poller(tmp_path, 4)
     await run_poller(poller, paths)
     assert poller.inline_reads >= 4 * 5  # after each first (threaded) read, inline
     for target in poller.targets.values():
@@ -102,13 +108,7 @@ async def test_reads_the_kernel_would_wait_for_go_to_threads(
     import hbmon.poller
 
     monkeypatch.setattr(hbmon.poller, "read_slot_nowait", lambda vol, slot, buffer: -1)
-    clock = SystemClock()
-    table = StatusTable(clock)
-    poller = Poller(table, clock, threads=2)
-    paths = [tmp_path / f"v{i}.vol" for i in range(3)]
-    for path in paths:
-        write_record(path, path.stem, 1)
-        poller.watch(path.stem, str(path), 0, "volume", Timing(interval=0.1))
+    table, poller, paths = file_poller(tmp_path, 3)
     await run_poller(poller, paths)
     assert poller.inline_reads == 0
     for target in poller.targets.values():

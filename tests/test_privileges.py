@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -177,26 +177,34 @@ def status_fields(pid: int) -> dict[str, str]:
     return fields
 
 
-def restore_devices(before: dict[str, os.stat_result]) -> None:
-    for dev, st in before.items():
-        os.chown(dev, st.st_uid, st.st_gid)
-        os.chmod(dev, stat.S_IMODE(st.st_mode))
+@pytest.fixture
+def keep_owners() -> Iterator[Callable[..., None]]:
+    """``keep(path, ...)``: give these back their owner and mode at the end of the test
+    (device nodes keep an owner across detach and attach)."""
+    before: dict[str, os.stat_result] = {}
+
+    def keep(*paths: str) -> None:
+        for path in paths:
+            before.setdefault(path, os.stat(path))
+
+    yield keep
+    for path, st in before.items():
+        os.chown(path, st.st_uid, st.st_gid)
+        os.chmod(path, stat.S_IMODE(st.st_mode))
 
 
 def test_runs_unprivileged_with_only_its_volume_journal_and_port(
     nobody: pwd.struct_passwd,
     workdir: Path,
     loopdev_factory: LoopdevFactory,
-    request: pytest.FixtureRequest,
+    keep_owners: Callable[..., None],
 ) -> None:
     _, mine = loopdev_factory()
     other_image, other = loopdev_factory()
     pwrite_sync(other_image, 0, record_block("db2", 0x22, 1, 0.2, size=4096))
-    # Device nodes keep their owner across detach and attach: set both explicitly, and
-    # give them back as they were afterwards.
+    # Device nodes keep their owner across detach and attach: set both explicitly.
     disk_gid = grp.getgrnam("disk").gr_gid if "disk" in {g.gr_name for g in grp.getgrall()} else 0
-    before = {dev: os.stat(dev) for dev in (mine, other)}
-    request.addfinalizer(lambda: restore_devices(before))
+    keep_owners(mine, other)
     give(mine, nobody, 0o600)  # its volume
     os.chown(other, 0, disk_gid)  # not its volume: root:disk 0660
     os.chmod(other, 0o660)
@@ -298,12 +306,11 @@ def test_what_it_was_not_given_stops_it_at_start(
     nobody: pwd.struct_passwd,
     workdir: Path,
     loopdev_factory: LoopdevFactory,
-    request: pytest.FixtureRequest,
+    keep_owners: Callable[..., None],
 ) -> None:
     _, mine = loopdev_factory()
     _, other = loopdev_factory()
-    before = {mine: os.stat(mine)}
-    request.addfinalizer(lambda: restore_devices(before))
+    keep_owners(mine)
     give(mine, nobody, 0o600)
     token = workdir / "webhook.token"
     token.write_text(TOKEN + "\n")
