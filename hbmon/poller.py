@@ -1,7 +1,7 @@
 """The poller (heartbeat check 101b): reads every watched SVOL each interval.
 
-One scheduler over a timer wheel (not a task per volume): volumes wait in buckets of
-``COALESCE`` seconds by due time, a small heap orders the buckets.  Each tick takes the
+One scheduler over a timer wheel (not a task per volume, see :mod:`hbmon.wheel`):
+volumes wait in buckets of ``COALESCE`` seconds by due time.  Each tick takes the
 volumes that are due, hands them to the :class:`~hbmon.workers.WorkerPool` in batches,
 and feeds what comes back into the status table.  A kept-open regular file on a local
 file system is first read right on the loop with ``RWF_NOWAIT`` (see
@@ -25,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob
-import heapq
 import logging
 import os
 import resource
 import time
 import zlib
+from bisect import bisect_left as _bisect
 from dataclasses import dataclass, field
 
 import anyio
@@ -40,21 +40,23 @@ import anyio.to_thread
 from hbmon.clock import Clock
 from hbmon.config import SiteConfig, Timing, WatchGlobConfig
 from hbmon.errors import RecordError, VolumeError
-from hbmon.record import RECORD_SIZE, Decoder, Record
+from hbmon.record import RECORD_SIZE, SLOT_SIZE, Decoder, Record
 from hbmon.ringreads import RingReads
-from hbmon.status import PathRow, StatusTable
+from hbmon.status import Histogram, PathRow, StatusTable
 from hbmon.volume import (
     FILE_READ_SIZE,
     Volume,
+    nowait_refused,
     open_volume,
     read_slot,
-    read_slot_nowait,
     volume_error,
 )
+from hbmon.wheel import Wheel
 from hbmon.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
+CACHED_RUN = 256  # cached reads made back to back before they are judged (128 KiB of buffers)
 BATCH = 1024  # reads per worker-thread call (more threads only add GIL hand-offs)
 COALESCE = 0.05  # volumes due within 50 ms are read in one batch (<= 20 batches a second)
 # A kept-open volume is opened afresh this often by default (config key ``reopen``; at
@@ -63,6 +65,10 @@ COALESCE = 0.05  # volumes due within 50 ms are read in one batch (<= 20 batches
 # file still reads fine.  Each reopen is a read on a thread: at 10,000 volumes, every 10 s
 # cost ~4 % of a core, every 60 s under 1 %.
 REOPEN_AFTER = 60.0
+# A cached page of a regular file on a local file system is read right on the loop with
+# RWF_NOWAIT (see Volume.nowait): the kernel copies it at once or refuses with EAGAIN.
+_preadv = os.preadv
+_BOUNDS = Histogram.BOUNDS
 
 
 @dataclass(eq=False, slots=True)
@@ -76,6 +82,7 @@ class Target:
     read_timeout: float
     row: PathRow | None = None  # its row in the status table
     decoder: Decoder = field(init=False)
+    offset: int = field(init=False)  # of the slot in the volume, bytes
     volume: Volume | None = None  # kept open between polls; touched only by its worker
     reopen_at: float = 0.0  # monotonic: read on a thread and opened afresh after this
     reopen: bool = False  # the next read_target() opens the volume afresh
@@ -89,6 +96,7 @@ class Target:
 
     def __post_init__(self) -> None:
         self.decoder = Decoder(self.pair)
+        self.offset = self.slot * SLOT_SIZE
 
 
 @dataclass(slots=True)
@@ -184,10 +192,8 @@ class Poller:
         self.table = table
         self.clock = clock
         self.targets: dict[str, Target] = {}
-        # The wheel: bucket k holds the targets due in [k, k + 1) * COALESCE; ``_keys`` is
-        # a heap of the bucket numbers in use (about 20 a second, whatever the volumes).
-        self._buckets: dict[int, list[Target]] = {}
-        self._keys: list[int] = []
+        # Targets by due time, in buckets of COALESCE seconds (about 20 a second in use).
+        self._wheel: Wheel[Target] = Wheel(COALESCE)
         self.pool: WorkerPool[Target, ReadOutcome] = WorkerPool(
             read_target, self._deliver, clock=clock, threads=threads
         )
@@ -200,8 +206,15 @@ class Poller:
         self.reopen_after = REOPEN_AFTER
         self.inline = inline  # try RWF_NOWAIT reads on the loop first
         self.inline_reads = 0  # reads served that way (the rest went to threads)
-        self._buffer = bytearray(FILE_READ_SIZE)
-        self._head = memoryview(self._buffer)[: RECORD_SIZE - 4]  # what the CRC covers
+        # _read_cached's buffers: for each of a run of reads, ([view], view, its first
+        # 124 bytes, what the checksum covers)
+        space = memoryview(bytearray(FILE_READ_SIZE * CACHED_RUN))
+        self._slots = [
+            ([view], view, view[: RECORD_SIZE - 4])
+            for view in (
+                space[i : i + FILE_READ_SIZE] for i in range(0, len(space), FILE_READ_SIZE)
+            )
+        ]
         if ring is None:
             ring = os.environ.get("HBMON_IO_BACKEND", "auto") != "threads"
         self.ring = RingReads.create() if ring else None
@@ -336,12 +349,7 @@ class Poller:
 
     def _push(self, due: float, target: Target) -> None:
         target.due = due
-        key = int(due // COALESCE)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            self._buckets[key] = bucket = []
-            heapq.heappush(self._keys, key)
-        bucket.append(target)
+        self._wheel.push(due, target)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -366,41 +374,44 @@ class Poller:
         self.pool.harvest()
         now = self.clock.monotonic()
         self.table.last_poll_tick = now
-        keys, buckets, push = self._keys, self._buckets, self._push
-        batch: list[Target] = []
+        wheel = self._wheel
+        take, push = wheel.take, wheel.push
+        cached: list[Target] = []  # read right here (see _read_cached)
+        batch: list[Target] = []  # for the worker threads
         direct: list[Target] = []  # block devices, for the ring
-        ring = self.ring
+        ring, inline = self.ring, self.inline
         lag = -1.0
-        inline, wall = self.inline, self.clock.wall()
         # A bucket is taken once it has begun: its reads run at most COALESCE early.
-        while keys and keys[0] * COALESCE <= now:
-            for target in buckets.pop(heapq.heappop(keys)):
+        while (taken := take(now)) is not None:
+            for target in taken[1]:
                 if not target.active:
-                    continue
+                    continue  # dropped from the wheel
                 due = target.due
                 if now - due > lag:
                     lag = now - due
-                if not target.inflight:
-                    vol = target.volume
-                    if vol is not None and now >= target.reopen_at:
-                        target.reopen_at = now + self.reopen_after
-                        target.reopen, vol = True, None  # a thread reads it, opened afresh
-                    if not (
-                        inline
-                        and vol is not None
-                        and vol.nowait
-                        and target.seen
-                        and self._read_inline(target, vol, now, wall)
-                    ):
-                        target.inflight, target.submitted = True, now
-                        if ring is not None and vol is not None and vol.is_block and target.seen:
-                            direct.append(target)
-                        else:
-                            batch.append(target)
-                elif not target.hung and now - target.submitted > target.read_timeout:
-                    self._mark_hung(target, now)
                 following = due + target.period
-                push(following if following > now else now + target.period, target)
+                target.due = following = following if following > now else now + target.period
+                push(following, target)
+                if target.inflight:
+                    if not target.hung and now - target.submitted > target.read_timeout:
+                        self._mark_hung(target, now)
+                    continue
+                vol = target.volume
+                if vol is not None and now >= target.reopen_at:
+                    target.reopen_at = now + self.reopen_after
+                    target.reopen, vol = True, None  # a thread reads it, opened afresh
+                if inline and vol is not None and vol.nowait and target.seen:
+                    cached.append(target)
+                    continue
+                target.inflight, target.submitted = True, now
+                if ring is not None and vol is not None and vol.is_block and target.seen:
+                    direct.append(target)
+                else:
+                    batch.append(target)
+        if cached:
+            wall = self.clock.wall()
+            for i in range(0, len(cached), CACHED_RUN):
+                self._read_cached(cached[i : i + CACHED_RUN], now, wall, batch)
         if lag >= 0:
             self.table.poll_lag = max(lag, 0.0)
             self.table.lag_samples.append(self.table.poll_lag)
@@ -413,6 +424,56 @@ class Poller:
             batch += ring.submit(direct)  # what the ring has no room for goes to threads
         for i in range(0, len(batch), BATCH):
             tg.start_soon(self.pool.run, batch[i : i + BATCH])
+
+    def _read_cached(
+        self, targets: list[Target], now: float, wall: float, batch: list[Target]
+    ) -> None:
+        """Read ``targets`` (kept-open regular files on local file systems) right here.
+
+        With ``RWF_NOWAIT`` the kernel copies a cached page at once or refuses; what it
+        refuses, and whatever is not a record of the pair, goes on ``batch`` for the
+        threads, which read it again and name what it is.  The reads are made back to
+        back and judged after: system calls in a row run warm, where each one between
+        two rows' bookkeeping cost twice as much.  This is the poller's hot path (10,000
+        reads a second), so it calls nothing it need not.
+        """
+        perf, preadv, nowait = time.perf_counter, _preadv, os.RWF_NOWAIT
+        slots, size = self._slots, FILE_READ_SIZE
+        sizes: list[int] = []
+        took: list[float] = []
+        for target, (buffers, _, _) in zip(targets, slots, strict=False):
+            vol = target.volume
+            assert vol is not None
+            start = perf()
+            try:
+                sizes.append(preadv(vol.fd, buffers, target.offset, nowait))
+            except OSError as err:
+                sizes.append(nowait_refused(vol, err))  # not cached, say
+            took.append(perf() - start)
+        durations = self.table.read_duration
+        counts, bounds = durations.counts, _BOUNDS
+        reads, fast, total = 0, 0, 0.0
+        for target, n, seconds, (_, data, head) in zip(targets, sizes, took, slots, strict=False):
+            if n == size:
+                row = target.row
+                fields = target.decoder.active(data, head)
+                if fields is not None and row is not None and row.observe_next(*fields, now, wall):
+                    # The next beat of a healthy row (or the same one again): that is all.
+                    counts[_bisect(bounds, seconds)] += 1
+                    if seconds >= 0.001 or row.slowest_read >= 0.001:
+                        row.observe_latency(seconds)
+                    target.hung = False
+                    fast += 1
+                    total += seconds
+                    continue
+            if n >= RECORD_SIZE and self._take(target, data[:n], head, seconds, now, wall):
+                reads += 1  # (judged, and counted in the histogram, by _take)
+                continue
+            target.inflight, target.submitted = True, now
+            batch.append(target)
+        durations.total += total
+        durations.n += fast
+        self.inline_reads += reads + fast
 
     def _ring_result(
         self, target: Target, data: memoryview | None, error: int, duration: float
@@ -428,20 +489,6 @@ class Poller:
             # Not a plain next beat: read it again on a thread, which names what it is.
             if self._tg is not None:
                 self._tg.start_soon(self.pool.run, [target])
-
-    def _read_inline(self, target: Target, vol: Volume, now: float, wall: float) -> bool:
-        """Read ``target`` on the loop if the kernel can answer at once; False: use a thread."""
-        buffer = self._buffer
-        start = time.perf_counter()
-        n = read_slot_nowait(vol, target.slot, buffer)
-        duration = time.perf_counter() - start
-        if n < RECORD_SIZE:
-            return False  # would wait, refused, or short: the thread reads and reports it
-        data = buffer if n == len(buffer) else memoryview(buffer)[:n]
-        if not self._take(target, data, self._head, duration, now, wall):
-            return False
-        self.inline_reads += 1
-        return True
 
     def _take(
         self,
@@ -478,7 +525,8 @@ class Poller:
         target.hung = False
 
     def _sleep_time(self) -> float:
-        wait = self._keys[0] * COALESCE - self.clock.monotonic() if self._keys else 1.0
+        first = self._wheel.first()
+        wait = 1.0 if first is None else first - self.clock.monotonic()
         if self.pool.detached:
             wait = min(wait, 0.05)  # harvest late results promptly
         return min(max(wait, 0.0), 1.0)

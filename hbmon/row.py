@@ -84,16 +84,25 @@ class PathRow:
     # rows of deque(maxlen=...) would cost 6 MiB for what is almost always empty)
     note: str = ""
     quiet_until: float = 0.0  # no change of state or missed count before this (see next_change)
-    timer: float = math.inf  # when this row's entry in the table's timer heap falls due
+    timer: float = math.inf  # when this row's current entry in the table's timer wheel falls due
     fresh_since: float | None = None  # when the current run of beats began
     resumed: bool = False  # beats again after a stale silence (undead if the pair agrees)
     installed: bool = False  # announced or install record seen: await the first beat
     undead: bool = False  # the writer resumed, same incarnation, after being declared stale
     slowest_read: float = 0.0  # decaying maximum of read latency, for timing checks
+    quiet_after: float = field(init=False)  # quiet_until after a beat, less its time (retime)
 
     def __post_init__(self) -> None:
-        if not self.poll_period:
-            self.poll_period = self.timing.interval
+        self.retime(self.timing, self.poll_period)
+
+    def retime(self, timing: Timing, poll_period: float) -> None:
+        """Set the row's timing (and its poll period: 0 for one interval)."""
+        self.timing, self.poll_period = timing, poll_period or timing.interval
+        # How long after a beat nothing can change: the next beat is not due before a
+        # poll period and an interval, and the row is stale after the threshold.
+        self.quiet_after = min(
+            self.poll_period + timing.interval, timing.miss_threshold * timing.interval
+        )
 
     # -- observations -------------------------------------------------------------
 
@@ -237,25 +246,37 @@ class PathRow:
         wall: float,
     ) -> bool:
         """:meth:`observe_next_beat` for an active record given by its fields (the
-        poller's inline reads decode no more than these)."""
+        poller's inline reads decode no more than these).  The same beat read again is
+        taken too: it changes nothing but ``last_read``."""
         if (
             self.state != "alive"
             or self.problem is not None
             or incarnation != self.incarnation
-            or serial <= (self.serial or 0)
             or self.record_state is not State.ACTIVE
             or not self.trusted
         ):
             return False
-        self.serial, self.writer_time, self.declared_interval = serial, writer_time, interval
+        last = self.serial or 0
+        if serial <= last:
+            if serial < last:
+                return False  # a regression: observe_record names it
+            # The same beat again (read before the writer's next one landed): nothing
+            # changes but when this path was last read; the timers judge the silence.
+            self.last_read = now
+            return True
+        # 10,000 rows a second: each attribute replaced frees an object a second old (a
+        # cache miss or two), so what is usually unchanged is only compared.
+        self.serial, self.writer_time = serial, writer_time
+        if interval != self.declared_interval:
+            self.declared_interval = interval
         self.last_change = self.last_read = now
         self.skew = writer_time - wall
         self.beats_seen += 1
-        self.gap_missed = 0
+        if self.gap_missed:
+            self.gap_missed = 0
         if self.note:
             self.note = ""
-        t = self.timing
-        self.quiet_until = now + min(self.poll_period + t.interval, t.miss_threshold * t.interval)
+        self.quiet_until = now + self.quiet_after
         return True
 
     def observe_zeroed(self, now: float) -> None:

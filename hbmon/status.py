@@ -28,7 +28,6 @@ Rules (documented for operators in docs/metrics.md):
 from __future__ import annotations
 
 import bisect
-import heapq
 import logging
 import math
 from collections import Counter, deque
@@ -42,6 +41,7 @@ from hbmon.clock import Clock
 from hbmon.config import Timing
 from hbmon.row import FAILED, PATHS, SEVERITY, STATES, PathRow
 from hbmon.verdict import FRESH, single_path_note, verdict
+from hbmon.wheel import Wheel
 
 __all__ = [
     "FAILED",
@@ -59,6 +59,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _AHEAD_MATTERS = frozenset({"degraded", "network_partition", "link_down"})
+TIMER_GRAIN = 0.01  # row timers are kept in buckets this wide (fired at most this late)
 POLL_JITTER = 0.1  # seconds a volume read may land off its period (see poller.COALESCE)
 
 
@@ -205,9 +206,10 @@ class StatusTable:
         self.net_rejected: Counter[str] = Counter()
         self.net_dropped = 0  # datagrams the kernel dropped for the UDP socket (buffer full)
         self.failovers: Counter[tuple[str, str]] = Counter()
-        self._timers: list[tuple[float, int, PathRow]] = []
-        self._seq = 0
-        self._sleep_until = -math.inf
+        # Each row's next possible change, in a wheel (see run_due); ``row.timer`` says
+        # which of a row's entries is current.
+        self._timers: Wheel[PathRow] = Wheel(TIMER_GRAIN)
+        self._sleep_key = -(1 << 62)  # run_timers sleeps until this bucket ends
         self._wake = anyio.Event()
         self.started = clock.monotonic()
         self.last_poll_tick = self.started
@@ -250,7 +252,7 @@ class StatusTable:
                     pair_id, path, timing, created=now, poll_period=period
                 )
             else:
-                row.timing, row.poll_period = timing, period
+                row.retime(timing, period)
             self.touch(row, now)
         for path in list(pair.rows):
             if path not in wanted:
@@ -262,7 +264,7 @@ class StatusTable:
         self.generation += 1
         pair = self.pairs.pop(pair_id, None)
         for row in () if pair is None else pair.rows.values():
-            row.timer = -1.0  # its heap entry, if any, no longer matches: dropped when due
+            row.timer = -1.0  # its timer entry, if any, no longer matches: dropped when due
 
     # -- keeping states current ---------------------------------------------------------
 
@@ -332,39 +334,54 @@ class StatusTable:
                 r.errors["undead_writer"] += 1
 
     def _push(self, when: float, row: PathRow) -> None:
-        self._seq += 1
         row.timer = when
-        heapq.heappush(self._timers, (when, self._seq, row))
-        if when < self._sleep_until:
-            self._wake.set()
+        if when != math.inf and self._timers.push(when, row) < self._sleep_key:
+            self._wake.set()  # (a row that cannot change any more, stopped say, waits for none)
 
     def run_due(self, now: float) -> None:
-        """Re-judge the rows whose state or missed count may have changed by ``now``."""
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            when, _, row = heapq.heappop(timers)
-            if row.timer != when:
-                continue  # superseded by an earlier entry, or the row was removed
-            row.timer = math.inf
-            if row.quiet_until <= now:
-                self.touch(row, now)
-            else:
-                self._push(row.quiet_until, row)
+        """Re-judge the rows whose state or missed count may have changed by ``now``.
+
+        Exact to the row: the rows of a bucket that has begun but are not yet due wait
+        in it (run_timers wakes when a bucket ends, at most ``TIMER_GRAIN`` late)."""
+        timers, inf = self._timers, math.inf
+        grain = timers.grain
+        early: list[PathRow] = []
+        while (taken := timers.take(now)) is not None:
+            key, bucket = taken
+            for row in bucket:
+                when = row.timer
+                if when == inf or when // grain != key:
+                    continue  # superseded by another entry, or the row was removed
+                if when > now:
+                    early.append(row)
+                    continue
+                row.timer = inf
+                if row.quiet_until <= now:
+                    self.touch(row, now)
+                else:
+                    self._push(row.quiet_until, row)
+        for row in early:
+            if row.timer != inf:  # (a row may have been in the bucket twice)
+                timers.push(row.timer, row)
 
     async def run_timers(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Keep every row's state current: sleep until the next possible change, judge."""
+        """Keep every row's state current: sleep until the earliest bucket of timers
+        ends (10,000 rows due at 10,000 moments are judged ~100 times a second), judge."""
         task_status.started()
+        grain = self._timers.grain
         while True:
             now = self.clock.monotonic()
             self.run_due(now)
             self.changes.flush(now)
-            self._sleep_until = self._timers[0][0] if self._timers else now + 1.0
+            first = self._timers.first()
+            until = now + 1.0 if first is None else first + grain
+            self._sleep_key = self._timers.key(first) if first is not None else (1 << 62)
             self._wake = anyio.Event()
-            with anyio.move_on_after(max(0.0, min(self._sleep_until - now, 1.0))):
+            with anyio.move_on_after(max(0.0, min(until - now, 1.0))):
                 await self._wake.wait()
-            self._sleep_until = -math.inf
+            self._sleep_key = -(1 << 62)
 
     def row(self, pair_id: str, path: str) -> PathRow | None:
         pair = self.pairs.get(pair_id)

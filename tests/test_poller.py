@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -107,7 +108,10 @@ async def test_reads_the_kernel_would_wait_for_go_to_threads(
     read goes to a worker thread and the row is judged as before."""
     import hbmon.poller
 
-    monkeypatch.setattr(hbmon.poller, "read_slot_nowait", lambda vol, slot, buffer: -1)
+    def would_wait(*args: object) -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(hbmon.poller, "_preadv", would_wait)
     table, poller, paths = file_poller(tmp_path, 3)
     await run_poller(poller, paths)
     assert poller.inline_reads == 0
@@ -116,6 +120,30 @@ async def test_reads_the_kernel_would_wait_for_go_to_threads(
         assert row is not None
         assert row.state == "alive"
         assert row.beats_seen >= 5
+
+
+async def test_a_file_system_refusing_nowait_reads_goes_to_threads_for_good(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EOPNOTSUPP (or EINVAL) to RWF_NOWAIT: that volume is not tried inline again."""
+    import hbmon.poller
+
+    tried: list[int] = []
+
+    def refuse(fd: int, *args: object) -> int:
+        tried.append(fd)
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(hbmon.poller, "_preadv", refuse)
+    table, poller, paths = file_poller(tmp_path, 3)
+    await run_poller(poller, paths)
+    assert poller.inline_reads == 0
+    assert 1 <= len(tried) <= 3  # once per volume, then never again
+    for target in poller.targets.values():
+        assert target.volume is None or not target.volume.nowait
+        row = table.row(target.pair, "volume")
+        assert row is not None
+        assert row.state == "alive"
 
 
 async def test_a_bad_record_read_inline_is_named_by_the_thread_path(tmp_path: Path) -> None:
@@ -144,7 +172,7 @@ async def test_a_bad_record_read_inline_is_named_by_the_thread_path(tmp_path: Pa
 
 
 def test_nowait_is_only_tried_on_local_file_systems(tmp_path: Path) -> None:
-    from hbmon.volume import NOWAIT_FS, _fs_type, open_volume, read_slot_nowait
+    from hbmon.volume import NOWAIT_FS, _fs_type, open_volume
 
     path = tmp_path / "v.vol"
     write_record(path, "v", 1)
@@ -154,7 +182,7 @@ def test_nowait_is_only_tried_on_local_file_systems(tmp_path: Path) -> None:
         assert vol.nowait == expected
         if expected:
             buffer = bytearray(512)
-            assert read_slot_nowait(vol, 0, buffer) == 512
+            assert os.preadv(vol.fd, [buffer], 0, os.RWF_NOWAIT) == 512
             assert bytes(buffer[:8]) == b"HBMONREC"
     finally:
         vol.close()

@@ -793,3 +793,41 @@ def test_a_resumed_writer_is_one_serial_on_a_hidden_one_many() -> None:
     hidden.serial += 5  # the writer beat on while nobody saw it
     hidden.beat()
     assert not hidden.row.resumed
+
+
+def test_table_timers_judge_each_row_at_its_moment_not_its_buckets() -> None:
+    """Rows due inside one timer bucket are judged when each is due (run_due on a fake
+    clock is exact), and a stopped row, which can never change, holds no timer."""
+    clock = FakeClock()
+    table = StatusTable(clock, site="s")
+    for pair, offset in (("a", 0.0), ("b", 0.004), ("s", 0.0)):
+        table.add_pair(pair, "volume", TIMING, volume=f"/v/{pair}")
+        row = table.row(pair, "volume")
+        assert row is not None
+        clock.advance(offset)
+        row.observe_record(rec(1, pair_id=pair), clock.monotonic(), clock.wall())
+        clock.advance(0.001)
+        row.observe_record(rec(2, pair_id=pair), clock.monotonic(), clock.wall())
+        table.touch(row, clock.monotonic())
+    stopper = table.row("s", "volume")
+    a, b = table.row("a", "volume"), table.row("b", "volume")
+    assert stopper is not None
+    assert a is not None
+    assert b is not None
+    stopper.observe_record(rec(3, pair_id="s", state=State.STOPPING), clock.monotonic(), 0.0)
+    table.touch(stopper, clock.monotonic())
+    assert stopper.state == "stopped"
+    stale_a = a.last_change + TIMING.miss_threshold * TIMING.interval  # type: ignore[operator]
+    clock.advance(stale_a - clock.monotonic())
+    table.run_due(clock.monotonic())
+    assert (a.state, b.state) == ("stale", "late")  # b is due 5 ms later (same 10 ms bucket)
+    clock.advance(0.004)
+    table.run_due(clock.monotonic())
+    assert b.state == "late"
+    clock.advance(0.0015)
+    table.run_due(clock.monotonic())
+    assert b.state == "stale"
+    clock.advance(3600)
+    table.run_due(clock.monotonic())
+    assert stopper.state == "stopped"
+    assert stopper.timer == float("inf")
