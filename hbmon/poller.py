@@ -1,13 +1,15 @@
 """The poller (heartbeat check 101b): reads every watched SVOL each interval.
 
 One scheduler over a timer wheel (not a task per volume, see :mod:`hbmon.wheel`):
-volumes wait in buckets of ``COALESCE`` seconds by due time.  Each tick takes the
-volumes that are due, hands them to the :class:`~hbmon.workers.WorkerPool` in batches,
-and feeds what comes back into the status table.  A kept-open regular file on a local
-file system is first read right on the loop with ``RWF_NOWAIT`` (see
-:func:`~hbmon.volume.read_slot_nowait`): the kernel copies the cached page or refuses at
-once, so nothing waits, and the thread hand-off (and the GIL hand-offs of eight threads
-each releasing the GIL for every read) is spared for the common case.  Anything else --
+volumes of one period due within the same ``COALESCE`` bucket form a
+:class:`~hbmon.target.Group`, and the wheel holds the groups.  Each tick takes the
+groups that are due, reads their volumes, hands what it cannot read at once to the
+:class:`~hbmon.workers.WorkerPool` in batches, and feeds what comes back into the
+status table.  A kept-open regular file on a local file system is first read right on
+the loop with ``RWF_NOWAIT`` (see :attr:`~hbmon.volume.Volume.nowait`): the kernel
+copies the cached page or refuses at once, so nothing waits, and the thread hand-off
+(and the GIL hand-offs of eight threads each releasing the GIL for every read) is spared
+for the common case.  Anything else --
 block devices (O_DIRECT), FUSE and network file systems, a page not in the cache, a
 record that does not decode -- goes to the threads, which also name every error.
 Block devices are read with O_DIRECT through io_uring where the machine allows it
@@ -22,16 +24,13 @@ while every other volume keeps its cadence.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import glob
 import logging
 import os
-import resource
 import time
 import zlib
 from bisect import bisect_left as _bisect
-from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
@@ -39,16 +38,13 @@ import anyio.to_thread
 
 from hbmon.clock import Clock
 from hbmon.config import SiteConfig, Timing, WatchGlobConfig
-from hbmon.errors import RecordError, VolumeError
-from hbmon.record import RECORD_SIZE, SLOT_SIZE, Decoder, Record
+from hbmon.errors import RecordError
+from hbmon.record import RECORD_SIZE
 from hbmon.ringreads import RingReads
 from hbmon.status import Histogram, PathRow, StatusTable
+from hbmon.target import Group, ReadOutcome, Target, forget, open_file_budget, read_target
 from hbmon.volume import (
-    FILE_READ_SIZE,
-    Volume,
     nowait_refused,
-    open_volume,
-    read_slot,
     volume_error,
 )
 from hbmon.wheel import Wheel
@@ -71,97 +67,6 @@ _preadv = os.preadv
 _BOUNDS = Histogram.BOUNDS
 
 
-@dataclass(eq=False, slots=True)
-class Target:
-    """One watched volume slot, owned by the poller."""
-
-    pair: str
-    path: str
-    slot: int
-    period: float
-    read_timeout: float
-    row: PathRow | None = None  # its row in the status table
-    decoder: Decoder = field(init=False)
-    offset: int = field(init=False)  # of the slot in the volume, bytes
-    volume: Volume | None = None  # kept open between polls; touched only by its worker
-    reopen_at: float = 0.0  # monotonic: read on a thread and opened afresh after this
-    reopen: bool = False  # the next read_target() opens the volume afresh
-    inflight: bool = False
-    due: float = 0.0  # when its next read is due (monotonic)
-    submitted: float = 0.0
-    hung: bool = False
-    active: bool = True
-    seen: bool = False  # read at least once
-    keep_open: bool = True  # False past the open-file budget: opened for each read
-
-    def __post_init__(self) -> None:
-        self.decoder = Decoder(self.pair)
-        self.offset = self.slot * SLOT_SIZE
-
-
-@dataclass(slots=True)
-class ReadOutcome:
-    kind: str  # record | zeroed | invalid | io_error
-    record: Record | None
-    reason: str
-    detail: str
-    duration: float
-
-
-def read_target(target: Target) -> ReadOutcome:
-    """Read and decode one slot.  Runs on a worker thread; never raises."""
-    start = time.perf_counter()
-    try:
-        if target.reopen:
-            target.reopen = False
-            _forget(target)
-        if target.volume is None:
-            target.volume = open_volume(target.path)
-        data = read_slot(target.volume, target.slot)
-    except VolumeError as err:
-        _forget(target)
-        return ReadOutcome("io_error", None, err.reason, err.problem, time.perf_counter() - start)
-    except OSError as err:  # anything volume.py did not foresee
-        _forget(target)
-        return ReadOutcome("io_error", None, "io_error", str(err), time.perf_counter() - start)
-    duration = time.perf_counter() - start
-    try:
-        try:
-            record = target.decoder(data)
-        except RecordError as err:
-            if err.reason != "checksum_mismatch":
-                raise
-            # Read once more: a write landing during our read is torn for this read
-            # only; damage that is really on the volume reads the same twice.
-            record = target.decoder(read_slot(target.volume, target.slot))
-    except VolumeError as err:
-        _forget(target)
-        return ReadOutcome("io_error", None, err.reason, err.problem, duration)
-    except RecordError as err:
-        _forget(target)  # reopen next time: the file may have been replaced
-        kind = {"zeroed": "zeroed", "truncated": "io_error"}.get(err.reason, "invalid")
-        return ReadOutcome(kind, None, err.reason, err.detail, duration)
-    if not target.keep_open:
-        _forget(target)
-    return ReadOutcome("record", record, "", "", duration)
-
-
-def open_file_budget(reserve: int = 512) -> int:
-    """How many volumes may stay open between polls.
-
-    The soft open-file limit is raised to the hard one; ``reserve`` descriptors stay
-    free for HTTP, UDP, logs and the beater.  Volumes past the budget are still polled
-    on every interval, each opened for its read and closed after it.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
-    return max(0, limit - reserve)
-
-
 def scan_globs(globs: tuple[WatchGlobConfig, ...]) -> list[dict[str, str]]:
     """For each pattern, pair id (file stem) -> path of what it matches now (blocking).
 
@@ -171,10 +76,10 @@ def scan_globs(globs: tuple[WatchGlobConfig, ...]) -> list[dict[str, str]]:
     return [{splitext(basename(p))[0]: p for p in sorted(glob.glob(g.pattern))} for g in globs]
 
 
-def _forget(target: Target) -> None:
-    if target.volume is not None:
-        target.volume.close()
-        target.volume = None
+def _spread(pair: str) -> float:
+    """Where in its period (0 to 1) a pair's reads fall: first polls of 10,000 volumes
+    spread over one period, first reopens over one reopen period."""
+    return (zlib.crc32(pair.encode()) % 1000) / 1000
 
 
 class Poller:
@@ -192,8 +97,10 @@ class Poller:
         self.table = table
         self.clock = clock
         self.targets: dict[str, Target] = {}
-        # Targets by due time, in buckets of COALESCE seconds (about 20 a second in use).
-        self._wheel: Wheel[Target] = Wheel(COALESCE)
+        # Groups of targets by due time, in buckets of COALESCE seconds; ``_open_groups``
+        # finds the group a new target of (period, bucket) joins.
+        self._wheel: Wheel[Group] = Wheel(COALESCE)
+        self._open_groups: dict[tuple[float, int], Group] = {}
         self.pool: WorkerPool[Target, ReadOutcome] = WorkerPool(
             read_target, self._deliver, clock=clock, threads=threads
         )
@@ -208,12 +115,10 @@ class Poller:
         self.inline_reads = 0  # reads served that way (the rest went to threads)
         # _read_cached's buffers: for each of a run of reads, ([view], view, its first
         # 124 bytes, what the checksum covers)
-        space = memoryview(bytearray(FILE_READ_SIZE * CACHED_RUN))
+        space = memoryview(bytearray(RECORD_SIZE * CACHED_RUN))
         self._slots = [
             ([view], view, view[: RECORD_SIZE - 4])
-            for view in (
-                space[i : i + FILE_READ_SIZE] for i in range(0, len(space), FILE_READ_SIZE)
-            )
+            for view in (space[i : i + RECORD_SIZE] for i in range(0, len(space), RECORD_SIZE))
         ]
         if ring is None:
             ring = os.environ.get("HBMON_IO_BACKEND", "auto") != "threads"
@@ -260,8 +165,12 @@ class Poller:
         if method == "network":
             return
         if existing is not None:
-            existing.period, existing.read_timeout = timing.interval, timing.read_timeout
+            existing.read_timeout = timing.read_timeout
             existing.row = self.table.row(pair, "volume")
+            if existing.period != timing.interval:  # on to a group of the new period
+                self._leave(existing)
+                existing.period = timing.interval
+                self._join(existing, self.clock.monotonic() + _spread(pair) * timing.interval)
             return
         target = Target(pair, path, slot, timing.interval, timing.read_timeout)
         target.row = self.table.row(pair, "volume")
@@ -273,10 +182,9 @@ class Poller:
         self._unseen += 1
         # Spread first polls over one period so 10,000 volumes do not all fall due at once,
         # and first reopens over one REOPEN_AFTER, so they come a few a tick, not all at once.
-        spread = (zlib.crc32(pair.encode()) % 1000) / 1000
-        phase = spread * timing.interval
-        target.reopen_at = self.clock.monotonic() + self.reopen_after * (1 + spread)
-        self._push(self.clock.monotonic() + phase, target)
+        spread, now = _spread(pair), self.clock.monotonic()
+        target.reopen_at = now + self.reopen_after * (1 + spread)
+        self._join(target, now + spread * timing.interval)
 
     def unwatch(self, pair: str) -> None:
         self._drop_target(pair)
@@ -286,13 +194,14 @@ class Poller:
         target = self.targets.pop(pair, None)
         if target is not None:
             target.active = False
+            self._leave(target)
             if not target.seen:
                 self._unseen -= 1
                 if not self._unseen:
                     self.all_read.set()
             self._kept_open -= target.keep_open
             if not target.inflight:
-                _forget(target)
+                forget(target)
 
     def matches_glob(self, pair: str) -> bool:
         target = self.targets.get(pair)
@@ -319,7 +228,9 @@ class Poller:
         refresh: bool = True,
     ) -> None:
         for g, matches in zip(globs, found, strict=True):
-            for pair, path in matches.items():
+            # In the order they are read in: each group's targets, rows and buffers are then
+            # allocated side by side, and a tick reads through memory, not all over it.
+            for pair, path in sorted(matches.items(), key=lambda m: _spread(m[0])):
                 current = self.targets.get(pair)
                 if current is None and pair in self.table.pairs:
                     continue  # an explicit [[watch]] of the same id wins
@@ -347,9 +258,44 @@ class Poller:
                     )
                     self.unwatch(pair)
 
-    def _push(self, due: float, target: Target) -> None:
-        target.due = due
-        self._wheel.push(due, target)
+    def _join(self, target: Target, due: float) -> None:
+        """Schedule ``target``'s next read at ``due``, with the group of its period that
+        falls due in the same bucket (a new one if there is none)."""
+        where = (target.period, self._wheel.key(due))
+        group = self._open_groups.get(where)
+        if group is None:
+            group = self._open_groups[where] = Group(target.period, due)
+            self._wheel.push(due, group)
+        elif due < group.due:
+            group.due = due  # (same bucket: the wheel entry stands)
+        group.members.append(target)
+        target.group = group
+
+    def _leave(self, target: Target) -> None:
+        """Take ``target`` out of its group (it is dropped from the member list when the
+        group next falls due)."""
+        if target.group is not None:
+            target.group.dropped += 1
+            target.group = None
+
+    def _reschedule(self, group: Group, now: float) -> None:
+        """After a group's reads: due again one period on, in the same phase (whole
+        periods later if the loop was held up, so groups do not bunch up after a stall)."""
+        period, due = group.period, group.due
+        following = due + period
+        if following <= now:
+            following += period * ((now - following) // period + 1)
+        key = self._wheel.key(due)
+        if self._open_groups.get((period, key)) is group:
+            del self._open_groups[(period, key)]
+        if group.dropped:
+            group.members = [t for t in group.members if t.group is group]
+            group.dropped = 0
+            if not group.members:
+                return
+        group.due = following
+        where = (period, self._wheel.push(following, group))
+        self._open_groups.setdefault(where, group)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -374,8 +320,7 @@ class Poller:
         self.pool.harvest()
         now = self.clock.monotonic()
         self.table.last_poll_tick = now
-        wheel = self._wheel
-        take, push = wheel.take, wheel.push
+        take, reschedule = self._wheel.take, self._reschedule
         cached: list[Target] = []  # read right here (see _read_cached)
         batch: list[Target] = []  # for the worker threads
         direct: list[Target] = []  # block devices, for the ring
@@ -383,31 +328,30 @@ class Poller:
         lag = -1.0
         # A bucket is taken once it has begun: its reads run at most COALESCE early.
         while (taken := take(now)) is not None:
-            for target in taken[1]:
-                if not target.active:
-                    continue  # dropped from the wheel
-                due = target.due
-                if now - due > lag:
-                    lag = now - due
-                following = due + target.period
-                target.due = following = following if following > now else now + target.period
-                push(following, target)
-                if target.inflight:
-                    if not target.hung and now - target.submitted > target.read_timeout:
-                        self._mark_hung(target, now)
-                    continue
-                vol = target.volume
-                if vol is not None and now >= target.reopen_at:
-                    target.reopen_at = now + self.reopen_after
-                    target.reopen, vol = True, None  # a thread reads it, opened afresh
-                if inline and vol is not None and vol.nowait and target.seen:
-                    cached.append(target)
-                    continue
-                target.inflight, target.submitted = True, now
-                if ring is not None and vol is not None and vol.is_block and target.seen:
-                    direct.append(target)
-                else:
-                    batch.append(target)
+            for group in taken[1]:
+                if now - group.due > lag:
+                    lag = now - group.due
+                members = group.members
+                reschedule(group, now)
+                for target in members:
+                    if target.group is not group:
+                        continue  # it left the group (unwatched, or a new period)
+                    if target.inflight:
+                        if not target.hung and now - target.submitted > target.read_timeout:
+                            self._mark_hung(target, now)
+                        continue
+                    vol = target.volume
+                    if vol is not None and now >= target.reopen_at:
+                        target.reopen_at = now + self.reopen_after
+                        target.reopen, vol = True, None  # a thread reads it, opened afresh
+                    if inline and vol is not None and vol.nowait and target.seen:
+                        cached.append(target)
+                        continue
+                    target.inflight, target.submitted = True, now
+                    if ring is not None and vol is not None and vol.is_block and target.seen:
+                        direct.append(target)
+                    else:
+                        batch.append(target)
         if cached:
             wall = self.clock.wall()
             for i in range(0, len(cached), CACHED_RUN):
@@ -438,28 +382,33 @@ class Poller:
         reads a second), so it calls nothing it need not.
         """
         perf, preadv, nowait = time.perf_counter, _preadv, os.RWF_NOWAIT
-        slots, size = self._slots, FILE_READ_SIZE
+        slots, size = self._slots, RECORD_SIZE
         sizes: list[int] = []
-        took: list[float] = []
+        stamps = [perf()]  # each read took from the stamp before it to its own
         for target, (buffers, _, _) in zip(targets, slots, strict=False):
             vol = target.volume
             assert vol is not None
-            start = perf()
             try:
                 sizes.append(preadv(vol.fd, buffers, target.offset, nowait))
             except OSError as err:
                 sizes.append(nowait_refused(vol, err))  # not cached, say
-            took.append(perf() - start)
+            stamps.append(perf())
         durations = self.table.read_duration
-        counts, bounds = durations.counts, _BOUNDS
-        reads, fast, total = 0, 0, 0.0
-        for target, n, seconds, (_, data, head) in zip(targets, sizes, took, slots, strict=False):
+        counts, bounds, first_bound = durations.counts, _BOUNDS, _BOUNDS[0]
+        reads, fast, fastest, total = 0, 0, 0, 0.0
+        for target, n, start, end, (_, data, head) in zip(
+            targets, sizes, stamps, stamps[1:], slots, strict=False
+        ):
+            seconds = end - start
             if n == size:
                 row = target.row
                 fields = target.decoder.active(data, head)
                 if fields is not None and row is not None and row.observe_next(*fields, now, wall):
                     # The next beat of a healthy row (or the same one again): that is all.
-                    counts[_bisect(bounds, seconds)] += 1
+                    if seconds <= first_bound:
+                        fastest += 1  # (most reads: counted once for the run)
+                    else:
+                        counts[_bisect(bounds, seconds)] += 1
                     if seconds >= 0.001 or row.slowest_read >= 0.001:
                         row.observe_latency(seconds)
                     target.hung = False
@@ -471,6 +420,7 @@ class Poller:
                 continue
             target.inflight, target.submitted = True, now
             batch.append(target)
+        counts[0] += fastest
         durations.total += total
         durations.n += fast
         self.inline_reads += reads + fast
@@ -481,7 +431,7 @@ class Poller:
         """A read through the ring is done: judge it like an inline read."""
         now, wall = self.clock.monotonic(), self.clock.wall()
         if data is None:
-            _forget(target)  # reopened (on a thread) by the next read
+            forget(target)  # reopened (on a thread) by the next read
             err = volume_error(target.path, OSError(error, os.strerror(error)))
             self._deliver(target, ReadOutcome("io_error", None, err.reason, err.problem, duration))
             return
@@ -557,7 +507,7 @@ class Poller:
                 self._read_done(target, row, out.duration)
                 return
         if not target.active:
-            _forget(target)
+            forget(target)
             return
         target.hung = False
         if not target.seen:

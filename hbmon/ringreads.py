@@ -26,7 +26,7 @@ from hbmon.record import SLOT_SIZE
 from hbmon.uring import Ring, available, buffer_address
 
 if TYPE_CHECKING:
-    from hbmon.poller import Target
+    from hbmon.target import Target
 
 SLOT_BYTES = 4096  # one pool slot: a logical block up to the 4096-byte record slot
 SLOTS = 1024  # reads in flight at most (4 MiB of buffers)
