@@ -67,13 +67,45 @@ _preadv = os.preadv
 _BOUNDS = Histogram.BOUNDS
 
 
-def scan_globs(globs: tuple[WatchGlobConfig, ...]) -> list[dict[str, str]]:
+# What a pattern matched: (its folder's inode, mtime and ctime in ns), the wall time the
+# scan began, pair id -> path.
+ScanCache = dict[str, tuple[tuple[int, int, int], float, dict[str, str]]]
+
+
+def scan_globs(
+    globs: tuple[WatchGlobConfig, ...], cache: ScanCache | None = None
+) -> list[dict[str, str]]:
     """For each pattern, pair id (file stem) -> path of what it matches now (blocking).
 
     Runs on a thread every ``rescan`` seconds, so kept to string operations: a Path
-    object per file at 10,000 volumes held the GIL (and so the poll loop) ~20 ms."""
+    object per file at 10,000 volumes held the GIL (and so the poll loop) ~20 ms.  With
+    a ``cache``, a pattern with wildcards only in its last part is not expanded again
+    while its folder is unchanged: a file created, removed or renamed there changes the
+    folder's mtime.  A scan that began within a second of that mtime is not trusted (a
+    change in the same clock tick would not show).
+    """
     splitext, basename = os.path.splitext, os.path.basename
-    return [{splitext(basename(p))[0]: p for p in sorted(glob.glob(g.pattern))} for g in globs]
+    out = []
+    for g in globs:
+        folder = os.path.dirname(g.pattern)
+        stamp = None
+        if cache is not None and not glob.has_magic(folder):
+            try:
+                st = os.stat(folder)
+            except OSError:
+                pass  # glob finds nothing, or names the problem in what it finds
+            else:
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+                hit = cache.get(g.pattern)
+                if hit is not None and hit[0] == stamp and hit[1] - st.st_mtime_ns / 1e9 > 1.0:
+                    out.append(hit[2])
+                    continue
+        began = time.time()
+        found = {splitext(basename(p))[0]: p for p in sorted(glob.glob(g.pattern))}
+        if cache is not None and stamp is not None:
+            cache[g.pattern] = (stamp, began, found)
+        out.append(found)
+    return out
 
 
 def _spread(pair: str) -> float:
@@ -101,6 +133,8 @@ class Poller:
         # finds the group a new target of (period, bucket) joins.
         self._wheel: Wheel[Group] = Wheel(COALESCE)
         self._open_groups: dict[tuple[float, int], Group] = {}
+        self._reopens: Wheel[Target] = Wheel(1.0)  # targets by reopen_at
+        self._scans: ScanCache = {}  # touched only by scan_globs, on its thread
         self.pool: WorkerPool[Target, ReadOutcome] = WorkerPool(
             read_target, self._deliver, clock=clock, threads=threads
         )
@@ -184,6 +218,7 @@ class Poller:
         # and first reopens over one REOPEN_AFTER, so they come a few a tick, not all at once.
         spread, now = _spread(pair), self.clock.monotonic()
         target.reopen_at = now + self.reopen_after * (1 + spread)
+        self._reopens.push(target.reopen_at, target)
         self._join(target, now + spread * timing.interval)
 
     def unwatch(self, pair: str) -> None:
@@ -217,7 +252,7 @@ class Poller:
         poll loop.
         """
         globs = self.globs
-        found = await anyio.to_thread.run_sync(scan_globs, globs)
+        found = await anyio.to_thread.run_sync(scan_globs, globs, self._scans)
         self.apply_scan(globs, found, refresh=refresh)
 
     def apply_scan(
@@ -228,13 +263,17 @@ class Poller:
         refresh: bool = True,
     ) -> None:
         for g, matches in zip(globs, found, strict=True):
-            # In the order they are read in: each group's targets, rows and buffers are then
-            # allocated side by side, and a tick reads through memory, not all over it.
-            for pair, path in sorted(matches.items(), key=lambda m: _spread(m[0])):
-                current = self.targets.get(pair)
-                if current is None and pair in self.table.pairs:
-                    continue  # an explicit [[watch]] of the same id wins
-                if current is None or (refresh and current.path == path):
+            targets, pairs = self.targets, self.table.pairs
+            if refresh:
+                chosen = [(p, v) for p, v in matches.items() if p in targets or p not in pairs]
+            else:  # (an explicit [[watch]] of the same id wins)
+                chosen = [(p, v) for p, v in matches.items() if p not in targets and p not in pairs]
+            # New ones in the order they are read in: each group's targets, rows and buffers
+            # are then allocated side by side, and a tick reads through memory in order.
+            chosen.sort(key=lambda m: _spread(m[0]))
+            for pair, path in chosen:
+                current = targets.get(pair)
+                if current is None or current.path == path:
                     self.watch(
                         pair,
                         path,
@@ -341,9 +380,6 @@ class Poller:
                             self._mark_hung(target, now)
                         continue
                     vol = target.volume
-                    if vol is not None and now >= target.reopen_at:
-                        target.reopen_at = now + self.reopen_after
-                        target.reopen, vol = True, None  # a thread reads it, opened afresh
                     if inline and vol is not None and vol.nowait and target.seen:
                         cached.append(target)
                         continue
@@ -352,6 +388,7 @@ class Poller:
                         direct.append(target)
                     else:
                         batch.append(target)
+        self._reopen_due(now, batch)
         if cached:
             wall = self.clock.wall()
             for i in range(0, len(cached), CACHED_RUN):
@@ -368,6 +405,24 @@ class Poller:
             batch += ring.submit(direct)  # what the ring has no room for goes to threads
         for i in range(0, len(batch), BATCH):
             tg.start_soon(self.pool.run, batch[i : i + BATCH])
+
+    def _reopen_due(self, now: float, batch: list[Target]) -> None:
+        """Volumes kept open for a reopen period are read once on a thread, opened
+        afresh (see REOPEN_AFTER).  Taken once a second from their own wheel, so they go
+        to the threads in one batch a second, not a few in every tick."""
+        while (taken := self._reopens.take(now)) is not None:
+            for target in taken[1]:
+                if not target.active:
+                    continue
+                if target.inflight:
+                    target.reopen_at = now + 1.0  # (a read still out: look again soon)
+                elif target.volume is not None:  # (else its next read opens it anyway)
+                    target.reopen, target.inflight, target.submitted = True, True, now
+                    batch.append(target)
+                    target.reopen_at = now + self.reopen_after
+                else:
+                    target.reopen_at = now + self.reopen_after
+                self._reopens.push(target.reopen_at, target)
 
     def _read_cached(
         self, targets: list[Target], now: float, wall: float, batch: list[Target]

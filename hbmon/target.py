@@ -40,7 +40,7 @@ class Target:
     decoder: Decoder = field(init=False)
     offset: int = field(init=False)  # of the slot in the volume, bytes
     volume: Volume | None = None  # kept open between polls; touched only by its worker
-    reopen_at: float = 0.0  # monotonic: read on a thread and opened afresh after this
+    reopen_at: float = 0.0  # monotonic: read on a thread, opened afresh, about then
     reopen: bool = False  # the next read_target() opens the volume afresh
     inflight: bool = False
     group: Group | None = None  # the group it is read with (see Group)

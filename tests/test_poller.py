@@ -9,11 +9,13 @@ from pathlib import Path
 import anyio
 import pytest
 
+import hbmon.target
 from hbmon.clock import SystemClock
 from hbmon.config import Timing
 from hbmon.poller import Poller, open_file_budget
 from hbmon.record import Record
 from hbmon.status import StatusTable
+from hbmon.target import Target
 
 
 def write_record(path: Path, pair: str, serial: int) -> None:
@@ -187,3 +189,66 @@ def test_nowait_is_only_tried_on_local_file_systems(tmp_path: Path) -> None:
     finally:
         vol.close()
     assert _fs_type(os.stat("/proc/self").st_dev) == "proc"  # not a NOWAIT file system
+
+
+async def test_reopens_go_to_the_threads_together_once_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every kept-open volume is read on a thread, opened afresh, once a reopen period;
+    those reads go to the threads a second's worth at a time, not a few in every tick."""
+    clock = SystemClock()
+    table = StatusTable(clock)
+    poller = Poller(table, clock, threads=2)
+    poller.reopen_after = 0.5  # (before watch(): the first reopens spread over 0.5-1 s)
+    paths = [tmp_path / f"v{i}.vol" for i in range(30)]
+    for path in paths:
+        write_record(path, path.stem, 1)
+        poller.watch(path.stem, str(path), 0, "volume", Timing(interval=0.1))
+    batches: list[int] = []
+    real_run = poller.pool.run
+
+    async def counting_run(items: list[Target]) -> None:
+        batches.append(len(items))
+        await real_run(items)
+
+    monkeypatch.setattr(poller.pool, "run", counting_run)
+    reopened: set[int] = set()
+    real_forget = hbmon.target.forget
+
+    def counting_forget(target: Target) -> None:
+        reopened.add(id(target))
+        real_forget(target)
+
+    monkeypatch.setattr(hbmon.target, "forget", counting_forget)
+    await run_poller(poller, paths, beats=25)  # 2.5 s, 25 reads of each volume
+    assert len(reopened) == 30  # every volume opened afresh at least once
+    # The first reads (one or two ticks' worth), then one batch of reopens a second.
+    assert len(batches) <= 2 + 4, batches
+    for target in poller.targets.values():
+        assert target.volume is not None
+        row = table.row(target.pair, "volume")
+        assert row is not None
+        assert row.state == "alive"
+        assert row.beats_seen >= 15
+
+
+def test_a_glob_is_not_expanded_again_while_its_folder_is_unchanged(tmp_path: Path) -> None:
+    from hbmon.config import WatchGlobConfig
+    from hbmon.poller import ScanCache, scan_globs
+
+    for i in range(3):
+        write_record(tmp_path / f"v{i}.vol", f"v{i}", 1)
+    old = os.stat(tmp_path).st_mtime - 10
+    os.utime(tmp_path, (old, old))
+    globs = (WatchGlobConfig(pattern=str(tmp_path / "*.vol"), timing=Timing()),)
+    cache: ScanCache = {}
+    first = scan_globs(globs, cache)
+    assert sorted(first[0]) == ["v0", "v1", "v2"]
+    again = scan_globs(globs, cache)
+    assert again[0] is first[0]  # from the cache: the folder has not changed
+    write_record(tmp_path / "v3.vol", "v3", 1)  # a new file: the folder's mtime moves
+    third = scan_globs(globs, cache)
+    assert sorted(third[0]) == ["v0", "v1", "v2", "v3"]
+    # Changed within the last second: expanded every time until it has been quiet a while.
+    assert scan_globs(globs, cache)[0] is not third[0]
+    assert scan_globs(globs)[0] == third[0]  # (no cache: always expanded)
