@@ -58,8 +58,8 @@ COALESCE = 0.05  # volumes due within 50 ms are read in one batch (<= 20 batches
 # A kept-open volume is opened afresh this often by default (config key ``reopen``; at
 # once after any error), so that a detached loop device is not pinned by hbmon, and a
 # replaced file or a re-pointed /dev/disk/by-id link is followed, even while the old open
-# file still reads fine.  Each reopen is a read on a thread: at 10,000 volumes, every 10 s
-# cost ~4 % of a core, every 60 s under 1 %.
+# file still reads fine.  Each reopen is a read on a thread; those due in a second go
+# in one batch (see _reopen_due).
 REOPEN_AFTER = 60.0
 # A cached page of a regular file on a local file system is read right on the loop with
 # RWF_NOWAIT (see Volume.nowait): the kernel copies it at once or refuses with EAGAIN.
