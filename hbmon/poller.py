@@ -379,7 +379,7 @@ class Poller:
                         if not target.hung and now - target.submitted > target.read_timeout:
                             self._mark_hung(target, now)
                         continue
-                    vol = target.volume
+                    vol = None if target.reopen else target.volume  # (reopen: a thread)
                     if inline and vol is not None and vol.nowait and target.seen:
                         cached.append(target)
                         continue
@@ -409,20 +409,22 @@ class Poller:
     def _reopen_due(self, now: float, batch: list[Target]) -> None:
         """Volumes kept open for a reopen period are read once on a thread, opened
         afresh (see REOPEN_AFTER).  Taken once a second from their own wheel, so they go
-        to the threads in one batch a second, not a few in every tick."""
-        while (taken := self._reopens.take(now)) is not None:
+        to the threads in one batch a second, not a few in every tick; a volume whose
+        read is still out is reopened by its next read (the flag sends it to a thread)."""
+        reopens, later = self._reopens, []
+        while (taken := reopens.take(now)) is not None:
             for target in taken[1]:
                 if not target.active:
                     continue
-                if target.inflight:
-                    target.reopen_at = now + 1.0  # (a read still out: look again soon)
-                elif target.volume is not None:  # (else its next read opens it anyway)
-                    target.reopen, target.inflight, target.submitted = True, True, now
-                    batch.append(target)
-                    target.reopen_at = now + self.reopen_after
-                else:
-                    target.reopen_at = now + self.reopen_after
-                self._reopens.push(target.reopen_at, target)
+                if target.volume is not None:  # (else its next read opens it anyway)
+                    target.reopen = True
+                    if not target.inflight:
+                        target.inflight, target.submitted = True, now
+                        batch.append(target)
+                target.reopen_at = now + self.reopen_after
+                later.append(target)
+        for target in later:  # (after: a bucket begun is not taken twice)
+            reopens.push(target.reopen_at, target)
 
     def _read_cached(
         self, targets: list[Target], now: float, wall: float, batch: list[Target]
