@@ -198,10 +198,19 @@ def _slot(value: Any) -> int:
     return value
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
-    return value
+def _whole_number(least: int) -> Callable[[Any], int]:
+    """A validator of whole numbers (not booleans) of at least ``least``."""
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"expected a whole number of at least {least}, got {value!r}")
+        return value
+
+    return check
+
+
+_positive_int = _whole_number(1)
+_non_negative_int = _whole_number(0)
 
 
 def _reopen_duration(value: Any) -> float:
@@ -209,12 +218,6 @@ def _reopen_duration(value: Any) -> float:
     if seconds < 1.0:
         raise ValueError(f"expected a duration of at least 1s, got {value!r}")
     return seconds
-
-
-def _non_negative_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a whole number of at least 0, got {value!r}")
-    return value
 
 
 def _bool(value: Any) -> bool:

@@ -472,9 +472,9 @@ class Poller:
                     fast += 1
                     total += seconds
                     continue
-            if n >= RECORD_SIZE and self._take(target, data[:n], head, seconds, now, wall):
-                reads += 1  # (judged, and counted in the histogram, by _take)
-                continue
+                if self._take(target, data, head, seconds, now, wall):
+                    reads += 1  # (another record of the pair: judged and counted by _take)
+                    continue
             target.inflight, target.submitted = True, now
             batch.append(target)
         counts[0] += fastest

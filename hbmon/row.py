@@ -401,7 +401,7 @@ class PathRow:
             return math.inf
         t = self.timing
         if self.last_change == now:  # the hot path: the next beat is due one interval on
-            return now + min(self.poll_period + t.interval, t.miss_threshold * t.interval)
+            return now + self.quiet_after
         if self.last_change is None:
             if self.serial == 0 or self.installed:
                 return math.inf

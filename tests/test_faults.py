@@ -84,6 +84,15 @@ def _check_healthy(rows: dict[tuple[str, str], dict[str, Any]], healthy: list[st
         assert row["age"] < HEALTHY_AGE, row
 
 
+def _wait_fed(site: Site, pairs: list[str]) -> None:
+    """Wait (10 s at most) until every one of ``pairs`` is alive while its writer feeds it."""
+    wait_for(
+        lambda: all(s == "alive" for s, _ in _states(site, pairs).values()),
+        10.0,
+        "every SVOL alive while fed",
+    )
+
+
 def _wait_all_alive(
     site: Site, pairs: list[str], healthy: list[str], since: float, what: str
 ) -> dict[str, float]:
@@ -131,11 +140,7 @@ def test_read_faults_each_get_their_own_state(faultfs: FaultFS, tmp_path: Path) 
     feeder = Feeder([(p, path, 0) for p, path in vols.items()], every=INTERVAL / 2).start()
     try:
         with running_site(config, tmp_path) as site, faultfs.healing():
-            wait_for(
-                lambda: all(s == "alive" for s, _ in _states(site, list(vols)).values()),
-                10.0,
-                "every SVOL alive while fed",
-            )
+            _wait_fed(site, list(vols))
             faulted = time.monotonic()
             for pair, (fault, _) in READ_FAULTS.items():
                 faultfs.set(f"{pair}.vol", read=fault)
@@ -220,11 +225,7 @@ def test_a_read_answering_after_2s(faultfs: FaultFS, tmp_path: Path) -> None:
     feeder = Feeder([(p, path, 0) for p, path in vols.items()], every=INTERVAL / 2).start()
     try:
         with running_site(config, tmp_path) as site, faultfs.healing():
-            wait_for(
-                lambda: all(s == "alive" for s, _ in _states(site, list(vols)).values()),
-                10.0,
-                "every SVOL alive while fed",
-            )
+            _wait_fed(site, list(vols))
             for pair in ("slow-late", "slow-hung"):
                 faultfs.set(f"{pair}.vol", read="slow", delay=2.0)
             wait_for(
@@ -443,11 +444,7 @@ def test_loop_devices_detached_and_reattached_while_polled(
     new_dev: str | None = None
     try:
         with running_site(config, tmp_path) as site:
-            wait_for(
-                lambda: all(s == "alive" for s, _ in _states(site, list(paths)).values()),
-                10.0,
-                "every SVOL alive while fed",
-            )
+            _wait_fed(site, list(paths))
             detached_at = time.monotonic()
             for pair in detached:
                 _losetup("-d", devs[pair])
