@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 
@@ -47,3 +48,37 @@ class FakeClock:
     def jump_wall(self, seconds: float) -> None:
         """Step the wall clock (NTP step, operator error) without touching monotonic time."""
         self.wall_offset += seconds
+
+
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+@dataclass(frozen=True, slots=True)
+class BootStamp:
+    """A moment on the clock that survives a process restart but not a reboot.
+
+    ``since_boot`` is CLOCK_BOOTTIME (monotonic, counting suspend, never stepped);
+    ``boot_id`` names the boot it counts from ("" when unknown: then nothing compares).
+    """
+
+    boot_id: str
+    since_boot: float
+
+    def elapsed_since(self, earlier_boot_id: object, earlier_since_boot: object) -> float | None:
+        """Seconds from an earlier stamp to this one, or None when they cannot be compared
+        (another boot, an unknown boot, a stamp from the future, or not a stamp at all)."""
+        if not self.boot_id or earlier_boot_id != self.boot_id:
+            return None
+        if not isinstance(earlier_since_boot, int | float) or isinstance(earlier_since_boot, bool):
+            return None
+        elapsed = self.since_boot - float(earlier_since_boot)
+        return elapsed if elapsed >= 0 else None
+
+
+def boot_stamp() -> BootStamp:
+    """This machine's boot id and CLOCK_BOOTTIME now."""
+    try:
+        boot_id = BOOT_ID_FILE.read_text().strip()
+    except OSError:
+        boot_id = ""
+    return BootStamp(boot_id, time.clock_gettime(time.CLOCK_BOOTTIME))

@@ -15,6 +15,13 @@ Alertmanager says "HbmonHostDown is firing for pair P"; the guard decides:
 Every decision is appended to a journal as one JSON line and fsync'ed, before the
 command starts and after it ends, so hold-downs survive restarts and every action can
 be audited.  ``hbmon_failover_total{pair,result}`` counts the decisions.
+
+The hold-down is judged on the monotonic clock: a step of the wall clock (NTP, an
+operator) neither shortens nor stretches it.  Each ``started`` entry also carries the
+boot id and CLOCK_BOOTTIME, so a restarted daemon places an earlier start exactly on
+the same boot.  A start it cannot place is taken as late as it can have been: one from
+an earlier boot as having happened at this boot, an old entry without a boot stamp as
+no older than both its wall-clock age and this boot (see :func:`journaled_age`).
 """
 
 from __future__ import annotations
@@ -25,20 +32,33 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
-from hbmon.clock import Clock
+from hbmon.clock import BootStamp, Clock, boot_stamp
 from hbmon.status import StatusTable
 
 log = logging.getLogger(__name__)
 
-RESULTS = ("executed", "refused", "failed", "timed_out")
+Result = Literal["executed", "refused", "failed", "timed_out"]
+RESULTS: tuple[Result, ...] = get_args(Result)
+#: Why the guard decided as it did: ``host_down`` acts, every other code is a refusal.
+Code = Literal[
+    "host_down",
+    "unknown_pair",
+    "no_command",
+    "table_disagrees",
+    "single_path",
+    "running",
+    "hold_down",
+]
+CODES: tuple[Code, ...] = get_args(Code)
 JOURNAL_NAME = "failover.jsonl"
 OUTPUT_LIMIT = 4096  # bytes of the command's output kept in the journal
 #: The search path of a failover command (systemd's default for services).
@@ -59,18 +79,44 @@ def command_env(pair: str, site: str, reason: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Decision:
+    """What the guard decided for a pair: ``code`` for programs, ``reason`` for people."""
+
     pair: str
-    act: bool
+    code: Code
     reason: str
     command: tuple[str, ...] = ()
+
+    @property
+    def act(self) -> bool:
+        return self.code == "host_down"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "pair": self.pair,
             "action": "failover" if self.act else "none",
+            "code": self.code,
             "reason": self.reason,
             "command": list(self.command),
         }
+
+
+def journaled_age(entry: dict[str, Any], wall: float, boot: BootStamp) -> float:
+    """How long ago a journaled ``started`` entry happened, never more than is certain.
+
+    On the same boot its CLOCK_BOOTTIME stamp gives the age exactly, whatever the wall
+    clock did.  From an earlier boot it is at least as old as this boot, and no more is
+    certain: its age is taken as the time since boot.  An entry without a boot stamp
+    (written before hbmon kept one) is taken as no older than its wall-clock age and no
+    older than this boot, whichever is less.
+    """
+    elapsed = boot.elapsed_since(entry.get("boot_id"), entry.get("since_boot"))
+    if elapsed is not None:
+        return elapsed
+    if "boot_id" in entry and entry["boot_id"] != boot.boot_id:
+        return boot.since_boot
+    recorded = entry.get("time")
+    by_wall = wall - float(recorded) if isinstance(recorded, int | float) else 0.0
+    return min(max(by_wall, 0.0), boot.since_boot)
 
 
 class Journal:
@@ -130,53 +176,61 @@ class FailoverGuard:
         *,
         hold_down: float = 600.0,
         timeout: float = 60.0,
+        boot: Callable[[], BootStamp] = boot_stamp,
     ) -> None:
         self.table = table
         self.clock = clock
         self.journal = journal
         self.hold_down = hold_down
         self.timeout = timeout
+        self.boot = boot
         self.running: set[str] = set()
-        self.last_started: dict[str, float] = {}  # pair -> wall time of the last start
+        self.last_started: dict[str, float] = {}  # pair -> monotonic time of the last start
         self.counts = table.failovers  # (pair, result) -> decisions; exported as metrics
+        now, wall, stamp = clock.monotonic(), clock.wall(), boot()
         for entry in journal.entries():  # hold-downs survive restarts
-            if entry.get("event") == "started":
-                self.last_started[str(entry["pair"])] = float(entry["time"])
+            if entry.get("event") == "started" and isinstance(entry.get("pair"), str):
+                started = now - journaled_age(entry, wall, stamp)
+                pair = entry["pair"]
+                self.last_started[pair] = max(started, self.last_started.get(pair, started))
 
     def decide(self, pair_id: str) -> Decision:
         """What an alert for ``pair_id`` would cause now, and why."""
         pair = self.table.pairs.get(pair_id)
         if pair is None:
-            return Decision(pair_id, False, f"pair {pair_id!r} is not watched by this site")
+            text = f"pair {pair_id!r} is not watched by this site"
+            return Decision(pair_id, "unknown_pair", text)
         if not pair.failover:
-            return Decision(pair_id, False, "no failover command is configured for this pair")
+            return Decision(
+                pair_id, "no_command", "no failover command is configured for this pair"
+            )
         verdict = pair.judge(self.clock.monotonic())
         states = ", ".join(f"{p} {r.state}" for p, r in sorted(pair.rows.items()))
         if verdict != "host_down":
             return Decision(
-                pair_id, False, f"hbmon's table disagrees: verdict {verdict} ({states})"
+                pair_id, "table_disagrees", f"hbmon's table disagrees: verdict {verdict} ({states})"
             )
         if pair.method != "both" and not pair.failover_single_path:
             return Decision(
                 pair_id,
-                False,
+                "single_path",
                 f"only the {pair.method} path is watched, so a dead host cannot be told from "
                 "a broken path; set failover_single_path = true for this pair to allow it",
             )
         if pair_id in self.running:
-            return Decision(pair_id, False, "a failover of this pair is already running")
+            return Decision(pair_id, "running", "a failover of this pair is already running")
         last = self.last_started.get(pair_id)
         if last is not None:
-            since = self.clock.wall() - last
+            since = self.clock.monotonic() - last
             if since < self.hold_down:
                 return Decision(
                     pair_id,
-                    False,
+                    "hold_down",
                     f"hold-down: the last failover started {since:.0f} s ago "
                     f"(hold_down {self.hold_down:.0f} s)",
                 )
         return Decision(
-            pair_id, True, f"host_down on every configured path ({states})", pair.failover
+            pair_id, "host_down", f"host_down on every configured path ({states})", pair.failover
         )
 
     async def on_alert(self, pair_id: str, task_group: anyio.abc.TaskGroup) -> Decision:
@@ -190,9 +244,17 @@ class FailoverGuard:
             log.warning("failover of %s refused: %s", pair_id, decision.reason)
             return decision
         self.running.add(pair_id)
-        self.last_started[pair_id] = self.clock.wall()
+        self.last_started[pair_id] = self.clock.monotonic()
+        stamp = self.boot()
         try:
-            await self._journal({"event": "started", **decision.as_dict()})
+            await self._journal(
+                {
+                    "event": "started",
+                    "boot_id": stamp.boot_id,
+                    "since_boot": stamp.since_boot,
+                    **decision.as_dict(),
+                }
+            )
         except BaseException:
             self.running.discard(pair_id)
             raise

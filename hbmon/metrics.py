@@ -206,8 +206,8 @@ class SiteCollector(Collector):
         counts = dict(table.failovers)
         for pair in table.pairs.values():  # zeros first, so increase() sees the first one
             if pair.failover:
-                for result in RESULTS:
-                    counts.setdefault((pair.id, result), 0)
+                for kind in RESULTS:
+                    counts.setdefault((pair.id, kind), 0)
         for (pair_id, result), count in sorted(counts.items()):
             failovers.add_metric([pair_id, result], count)
         yield failovers

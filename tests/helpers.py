@@ -160,8 +160,12 @@ class Site:
         self.proc.wait()
 
 
-def start_site(config_text: str, tmp_path: Path, name: str = "site") -> Site:
-    """Write the configuration and start ``hbmon run``; returns once /healthz says 200."""
+def start_site(
+    config_text: str, tmp_path: Path, name: str = "site", env: dict[str, str] | None = None
+) -> Site:
+    """Write the configuration and start ``hbmon run``; returns once /healthz says 200.
+
+    ``env`` is added to the daemon's environment (e.g. libfaketime's variables)."""
     config = tmp_path / f"{name}.toml"
     config.write_text(config_text)
     stderr_path = tmp_path / f"{name}.stderr.log"
@@ -178,7 +182,14 @@ def start_site(config_text: str, tmp_path: Path, name: str = "site") -> Site:
         f"127.0.0.1:{port}",
     ]
     with stderr_path.open("ab") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, cwd=tmp_path)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            cwd=tmp_path,
+            env={**os.environ, **env} if env else None,
+        )
     site = Site(proc, url, stderr_path)
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
@@ -202,13 +213,15 @@ def start_site(config_text: str, tmp_path: Path, name: str = "site") -> Site:
 
 
 @contextlib.contextmanager
-def running_site(config_text: str, tmp_path: Path, name: str = "site") -> Iterator[Site]:
+def running_site(
+    config_text: str, tmp_path: Path, name: str = "site", env: dict[str, str] | None = None
+) -> Iterator[Site]:
     """Run ``hbmon run`` with ``config_text`` for the duration of the block.
 
     On exit the daemon gets SIGTERM and must be gone within 10 s with exit code 0.  When
     the block fails, the daemon's stderr is attached to the error.
     """
-    site = start_site(config_text, tmp_path, name)
+    site = start_site(config_text, tmp_path, name, env)
     try:
         yield site
     except BaseException as exc:
