@@ -119,8 +119,8 @@ class PairCollector(Collector):
                 fam["missed"].add_metric(labels, row.missed_total)
                 fam["up"].add_metric(labels, 1.0 if row.up else 0.0)
                 fam["undead"].add_metric(labels, 1.0 if row.undead else 0.0)
-                for name in STATES:
-                    fam["state"].add_metric([*labels, name], 1.0 if row.state == name else 0.0)
+                for state in STATES:
+                    fam["state"].add_metric([*labels, state], 1.0 if row.state == state else 0.0)
                 for warning in row.timing_warnings():
                     fam["warning"].add_metric([*labels, warning], 1.0)
                 if row.skew is not None and (skew_value is None or path == "volume"):

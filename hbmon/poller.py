@@ -43,6 +43,7 @@ from hbmon.record import RECORD_SIZE
 from hbmon.ringreads import RingReads
 from hbmon.status import Histogram, PathRow, StatusTable
 from hbmon.target import Group, ReadOutcome, Target, forget, open_file_budget, read_target
+from hbmon.verdict import PathState
 from hbmon.volume import (
     nowait_refused,
     volume_error,
@@ -590,6 +591,6 @@ class Poller:
         elif out.kind == "zeroed":
             row.observe_zeroed(now)
         else:
-            state = "invalid" if out.kind == "invalid" else "io_error"
-            row.observe_problem(state, out.reason, out.detail, now)
+            problem: PathState = "invalid" if out.kind == "invalid" else "io_error"
+            row.observe_problem(problem, out.reason, out.detail, now)
         self.table.touch(row, now)  # logs a change of state

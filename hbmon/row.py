@@ -13,23 +13,13 @@ from dataclasses import dataclass, field
 
 from hbmon.config import Timing
 from hbmon.record import Record, State
-from hbmon.verdict import FRESH
+from hbmon.verdict import FRESH, PATHS, STATES, PathState
 
-PATHS = ("volume", "network")
-STATES = (
-    "awaiting",
-    "alive",
-    "late",
-    "stale",
-    "invalid",
-    "io_error",
-    "io_hung",
-    "stopped",
-    "retired",
-)
-FAILED = frozenset({"stale", "invalid", "io_error", "io_hung"})
+__all__ = ["FAILED", "PATHS", "SEVERITY", "STATES", "PathRow"]
+
+FAILED: frozenset[PathState] = frozenset({"stale", "invalid", "io_error", "io_hung"})
 #: Worst first, for sorting tables.
-_WORST_FIRST = (
+_WORST_FIRST: tuple[PathState, ...] = (
     "stale",
     "invalid",
     "io_hung",
@@ -41,10 +31,10 @@ _WORST_FIRST = (
     "alive",
 )
 SEVERITY = {s: i for i, s in enumerate(_WORST_FIRST)}
-_PROBLEM_STATES = frozenset({"invalid", "io_error", "io_hung"})
+_PROBLEM_STATES: frozenset[PathState] = frozenset({"invalid", "io_error", "io_hung"})
 _KEEP_INCARNATIONS = 8
 _FINAL = (State.RETIRED, State.STOPPING)
-_NOT_EXPECTING = frozenset({"awaiting", "stopped", "retired"})
+_NOT_EXPECTING: frozenset[PathState] = frozenset({"awaiting", "stopped", "retired"})
 
 
 @dataclass(slots=True)
@@ -66,14 +56,14 @@ class PathRow:
     last_read: float | None = None
     skew: float | None = None
     # current problem with the path (invalid, io_error, io_hung)
-    problem: str | None = None
+    problem: PathState | None = None
     reason: str | None = None
     detail: str = ""
     # hysteresis
     trusted: bool = True
     good_streak: int = 0
-    held: str | None = None
-    state: str = "awaiting"
+    held: PathState | None = None
+    state: PathState = "awaiting"
     # counters
     missed_total: int = 0
     gap_missed: int = 0
@@ -288,7 +278,7 @@ class PathRow:
             return
         self.observe_problem("invalid", "zeroed", "the slot was wiped (all zero bytes)", now)
 
-    def observe_problem(self, state: str, reason: str, detail: str, now: float) -> None:
+    def observe_problem(self, state: PathState, reason: str, detail: str, now: float) -> None:
         """A read failed (``io_error``, ``io_hung``) or found an invalid record."""
         assert state in _PROBLEM_STATES, state
         self.last_read = now
@@ -326,7 +316,7 @@ class PathRow:
             if self.good_streak >= self.timing.recover_beats:
                 self.trusted, self.held, self.good_streak = True, None, 0
 
-    def _distrust(self, state: str) -> None:
+    def _distrust(self, state: PathState) -> None:
         self.trusted, self.held, self.good_streak = False, state, 0
 
     # -- judgement -----------------------------------------------------------------
@@ -345,7 +335,7 @@ class PathRow:
             base = now - self.last_change
         return max(0, math.floor((base - self.poll_period) / self.timing.interval + 1e-9))
 
-    def raw_state(self, now: float) -> str:
+    def raw_state(self, now: float) -> PathState:
         """The state from the facts alone, before hysteresis."""
         if self.problem is not None:
             return self.problem

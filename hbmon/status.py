@@ -32,6 +32,7 @@ import logging
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -40,7 +41,7 @@ from hbmon.changes import ChangeLog
 from hbmon.clock import Clock
 from hbmon.config import Timing
 from hbmon.row import FAILED, PATHS, SEVERITY, STATES, PathRow
-from hbmon.verdict import FRESH, single_path_note, verdict
+from hbmon.verdict import FRESH, Verdict, single_path_note, verdict
 from hbmon.wheel import Wheel
 
 __all__ = [
@@ -75,16 +76,16 @@ class Pair:
     failover: tuple[str, ...] = ()
     failover_single_path: bool = False
     rows: dict[str, PathRow] = field(default_factory=dict)
-    verdict: str = "unknown"
+    verdict: Verdict = "unknown"
     changes: ChangeLog | None = None  # the table's bounded log of changes
 
-    def judge(self, now: float) -> str:
+    def judge(self, now: float) -> Verdict:
         """Evaluate every path at ``now`` and derive the verdict (changes are logged)."""
         for row in self.rows.values():
             row.evaluate(now)
         return self.rejudge(now)
 
-    def rejudge(self, now: float) -> str:
+    def rejudge(self, now: float) -> Verdict:
         """Derive the verdict from the paths' current states (changes are logged)."""
         before = self.verdict
         self.verdict = verdict({p: r.state for p, r in self.rows.items()}, self.ahead(now))
@@ -453,8 +454,8 @@ def row_view(pair: Pair, row: PathRow, now: float) -> dict[str, object]:
     }
 
 
-def worst_first(view: dict[str, object]) -> tuple[int, str, str]:
-    return SEVERITY[str(view["state"])], str(view["pair"]), str(view["path"])
+def worst_first(view: dict[str, Any]) -> tuple[int, str, str]:
+    return SEVERITY[view["state"]], str(view["pair"]), str(view["path"])
 
 
 def _hex(value: int | None) -> str | None:

@@ -8,6 +8,7 @@ import contextlib
 import resource
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from hbmon.errors import RecordError, VolumeError
 from hbmon.record import SLOT_SIZE, Decoder, Record
@@ -55,9 +56,16 @@ class Target:
         self.offset = self.slot * SLOT_SIZE
 
 
+#: What one read of a heartbeat slot found.
+ReadKind = Literal["record", "zeroed", "invalid", "io_error"]
+
+
+_KIND_OF_REASON: dict[str, ReadKind] = {"zeroed": "zeroed", "truncated": "io_error"}
+
+
 @dataclass(slots=True)
 class ReadOutcome:
-    kind: str  # record | zeroed | invalid | io_error
+    kind: ReadKind
     record: Record | None
     reason: str
     detail: str
@@ -95,7 +103,7 @@ def read_target(target: Target) -> ReadOutcome:
         return ReadOutcome("io_error", None, err.reason, err.problem, duration)
     except RecordError as err:
         forget(target)  # reopen next time: the file may have been replaced
-        kind = {"zeroed": "zeroed", "truncated": "io_error"}.get(err.reason, "invalid")
+        kind = _KIND_OF_REASON.get(err.reason, "invalid")
         return ReadOutcome(kind, None, err.reason, err.detail, duration)
     if not target.keep_open:
         forget(target)

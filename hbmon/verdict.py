@@ -25,11 +25,24 @@ beat of an installed pair.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import Literal, get_args
 
-#: Path states that count as fresh.
-FRESH = frozenset({"alive", "late"})
-
-VERDICTS = (
+#: The paths a heartbeat travels.
+PathName = Literal["volume", "network"]
+#: The state of one path of one pair (DESIGN.md principle 5).
+PathState = Literal[
+    "awaiting",
+    "alive",
+    "late",
+    "stale",
+    "invalid",
+    "io_error",
+    "io_hung",
+    "stopped",
+    "retired",
+]
+#: A pair's verdict, derived from the states of its configured paths.
+Verdict = Literal[
     "alive",
     "host_down",
     "network_partition",
@@ -39,10 +52,16 @@ VERDICTS = (
     "awaiting",
     "stopped",
     "retired",
-)
+]
+PATHS: tuple[PathName, ...] = get_args(PathName)
+STATES: tuple[PathState, ...] = get_args(PathState)
+VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
+
+#: Path states that count as fresh.
+FRESH: frozenset[PathState] = frozenset({"alive", "late"})
 
 
-def verdict(states: Mapping[str, str], ahead: Collection[str] | None = None) -> str:
+def verdict(states: Mapping[str, PathState], ahead: Collection[str] | None = None) -> Verdict:
     """The verdict for a pair whose configured paths are in ``states`` (path -> state).
 
     ``ahead`` names the path whose newest beat is newer than the other's (the evidence
@@ -82,6 +101,6 @@ _ONE_PATH = {
 }
 
 
-def single_path_note(method: str, result: str) -> str:
+def single_path_note(method: str, result: Verdict) -> str:
     """Why a one-path ``host_down`` is weaker than it looks ("" when it is not)."""
     return _ONE_PATH.get(method, "") if result == "host_down" else ""
