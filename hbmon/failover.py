@@ -32,8 +32,9 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -165,6 +166,13 @@ class Journal:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class GuardStatistics:
+    """What the failover guard tells about itself."""
+
+    decisions: Mapping[tuple[str, Result], int] = field(default_factory=dict)
+
+
 class FailoverGuard:
     """Decides and runs failovers; see the module docstring."""
 
@@ -186,13 +194,16 @@ class FailoverGuard:
         self.boot = boot
         self.running: set[str] = set()
         self.last_started: dict[str, float] = {}  # pair -> monotonic time of the last start
-        self.counts = table.failovers  # (pair, result) -> decisions; exported as metrics
+        self.counts: Counter[tuple[str, Result]] = Counter()  # (pair, result) -> decisions
         now, wall, stamp = clock.monotonic(), clock.wall(), boot()
         for entry in journal.entries():  # hold-downs survive restarts
             if entry.get("event") == "started" and isinstance(entry.get("pair"), str):
                 started = now - journaled_age(entry, wall, stamp)
                 pair = entry["pair"]
                 self.last_started[pair] = max(started, self.last_started.get(pair, started))
+
+    def statistics(self) -> GuardStatistics:
+        return GuardStatistics(dict(self.counts))
 
     def decide(self, pair_id: str) -> Decision:
         """What an alert for ``pair_id`` would cause now, and why."""
@@ -270,6 +281,7 @@ class FailoverGuard:
             "command": list(decision.command),
             "reason": decision.reason,
         }
+        result: Result
         try:
             with anyio.fail_after(self.timeout):
                 env = command_env(pair, self.table.site, decision.reason)

@@ -15,6 +15,7 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -26,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from hbmon import __version__
 from hbmon.exposition import Renderer
+from hbmon.poller import PollerStatistics
 from hbmon.status import StatusTable, row_view, worst_first
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,14 @@ def status_page() -> bytes:
 class HttpApi:
     """Handlers over one status table and the registry that exports it."""
 
-    def __init__(self, table: StatusTable, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        table: StatusTable,
+        registry: CollectorRegistry,
+        poller: Callable[[], PollerStatistics],
+    ) -> None:
         self.table = table
+        self.poller = poller  # the poller's statistics(): lag, stuck workers, last tick
         self.registry = registry  # site-wide families; the pairs are rendered by Renderer
         self.renderer = Renderer(table, registry)
         self.render_limiter = anyio.CapacityLimiter(1)
@@ -134,7 +142,7 @@ class HttpApi:
         return text.replace(marker, f'"rows": [{rows}]', 1).encode()
 
     def status_document(self, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        table = self.table
+        table, polls = self.table, self.poller()
         rows = table.snapshot() if rows is None else rows
         counts: dict[str, int] = {}
         for row in rows:
@@ -144,10 +152,10 @@ class HttpApi:
             "version": __version__,
             "generated_at": time.time(),
             "uptime": round(table.clock.monotonic() - table.started, 3),
-            "poll_lag": table.poll_lag,
-            "poll_lag_p99": table.lag_quantile(0.99),
+            "poll_lag": polls.poll_lag,
+            "poll_lag_p99": polls.poll_lag_p99,
             "polled": list(table.polled()),
-            "workers_stuck": table.workers_stuck,
+            "workers_stuck": polls.workers_stuck,
             "states": counts,
             "rows": rows,
             "writers": [
@@ -166,7 +174,7 @@ class HttpApi:
         }
 
     async def healthz(self, request: web.Request) -> web.Response:
-        quiet = self.table.clock.monotonic() - self.table.last_poll_tick
+        quiet = self.table.clock.monotonic() - self.poller().last_tick
         if quiet > HEALTHY_TICK:
             return web.Response(status=503, text=f"poll loop silent for {quiet:.1f} s\n")
         return web.Response(text="ok\n")

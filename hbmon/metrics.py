@@ -7,7 +7,8 @@ names, reasons); values carry ages, counts and 0/1 states.  No explicit timestam
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -19,9 +20,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from hbmon import __version__
-from hbmon.failover import RESULTS
-from hbmon.netbeat import REJECT_REASONS
-from hbmon.status import STATES, StatusTable
+from hbmon.failover import RESULTS, GuardStatistics
+from hbmon.netbeat import REJECT_REASONS, NetStatistics
+from hbmon.poller import PollerStatistics
+from hbmon.status import STATES, Histogram, HistogramSnapshot, StatusTable
 from hbmon.verdict import VERDICTS
 
 #: The per-pair families: (name without _total, type, help).  Shared by the reference
@@ -133,11 +135,30 @@ class PairCollector(Collector):
         yield from fam.values()
 
 
+@dataclass
+class Components:
+    """Where the site-wide families come from: each component's ``statistics()``.
+
+    A component a site does not run (no network key: no listener) is None, and its
+    families are exported as zeros, so that dashboards and alert rules see every series.
+    """
+
+    poller: Callable[[], PollerStatistics] | None = None
+    listener: Callable[[], NetStatistics] | None = None
+    guard: Callable[[], GuardStatistics] | None = None
+
+
 class SiteCollector(Collector):
     """The site-wide families: network, reads, scheduler, writers, failovers, build."""
 
-    def __init__(self, table: StatusTable, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        table: StatusTable,
+        components: Components | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.table = table
+        self.components = components or Components()
         if registry is not None:
             registry.register(self)
 
@@ -145,41 +166,42 @@ class SiteCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        table = self.table
+        table, parts = self.table, self.components
+        net = parts.listener() if parts.listener else NetStatistics()
+        polls = parts.poller() if parts.poller else PollerStatistics()
+        guard = parts.guard() if parts.guard else GuardStatistics()
         rejected = CounterMetricFamily(
             "hbmon_network_rejected",
             "Network datagrams dropped, by reason (never counted as beats)",
             labels=["reason"],
         )
-        for reason in sorted({*REJECT_REASONS, *table.net_rejected}):
-            rejected.add_metric([reason], table.net_rejected[reason])
+        for reason in sorted({*REJECT_REASONS, *net.rejected}):
+            rejected.add_metric([reason], net.rejected.get(reason, 0))
         yield rejected
         yield CounterMetricFamily(
             "hbmon_network_receive_dropped",
             "Datagrams the kernel dropped because the UDP receive buffer was full",
-            value=table.net_dropped,
+            value=net.dropped,
         )
 
         hist = HistogramMetricFamily(
             "hbmon_volume_read_duration_seconds", "Per-read latency, all volumes"
         )
-        rd = table.read_duration
-        hist.add_metric([], [(_bound(b), float(c)) for b, c in rd.cumulative()], sum_value=rd.total)
+        rd = polls.read_duration
+        hist.add_metric([], _buckets(rd), sum_value=rd.total)
         yield hist
         yield GaugeMetricFamily(
-            "hbmon_poll_lag_seconds", "How late the poll scheduler runs", value=table.poll_lag
+            "hbmon_poll_lag_seconds", "How late the poll scheduler runs", value=polls.poll_lag
         )
         ticks = HistogramMetricFamily(
             "hbmon_poll_tick_lag_seconds", "How late each poll-scheduler tick ran"
         )
-        lags = table.lag_histogram
-        buckets = [(_bound(b), float(c)) for b, c in lags.cumulative()]
-        ticks.add_metric([], buckets, sum_value=lags.total)
+        ticks.add_metric([], _buckets(polls.tick_lag), sum_value=polls.tick_lag.total)
         yield ticks
         yield GaugeMetricFamily(
             "hbmon_workers_stuck",
             "I/O workers blocked past their deadline",
-            value=table.workers_stuck,
+            value=polls.workers_stuck,
         )
 
         written = CounterMetricFamily(
@@ -203,7 +225,7 @@ class SiteCollector(Collector):
             "Failover decisions on Alertmanager notifications, by result",
             labels=["pair", "result"],
         )
-        counts = dict(table.failovers)
+        counts = dict(guard.decisions)
         for pair in table.pairs.values():  # zeros first, so increase() sees the first one
             if pair.failover:
                 for kind in RESULTS:
@@ -220,7 +242,7 @@ class SiteCollector(Collector):
             "Always 1; labels say which hbmon runs here",
             labels=["version", "site", "io_backend"],
         )
-        info.add_metric([__version__, table.site, table.io_backend], 1.0)
+        info.add_metric([__version__, table.site, polls.io_backend], 1.0)
         yield info
 
 
@@ -228,16 +250,24 @@ def _bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def site_registry(table: StatusTable) -> CollectorRegistry:
+def _buckets(hist: HistogramSnapshot) -> list[tuple[str, float]]:
+    if not hist.buckets:  # nothing measured yet: every bucket empty
+        return [(_bound(b), 0.0) for b in (*Histogram.BOUNDS, float("inf"))]
+    return [(_bound(b), float(c)) for b, c in hist.buckets]
+
+
+def site_registry(
+    table: StatusTable, components: Components | None = None
+) -> CollectorRegistry:
     """The site-wide families and the process metrics (``/metrics`` adds the pairs)."""
     registry = CollectorRegistry(auto_describe=False)
-    SiteCollector(table, registry=registry)
+    SiteCollector(table, components, registry=registry)
     ProcessCollector(registry=registry)
     return registry
 
 
-def make_registry(table: StatusTable) -> CollectorRegistry:
+def make_registry(table: StatusTable, components: Components | None = None) -> CollectorRegistry:
     """Every family through prometheus-client objects: the reference for the fast path."""
-    registry = site_registry(table)
+    registry = site_registry(table, components)
     PairCollector(table, registry=registry)
     return registry

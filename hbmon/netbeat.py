@@ -24,7 +24,9 @@ import hmac
 import logging
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -149,6 +151,14 @@ class NetSender:
         self.sock.close()
 
 
+@dataclass(frozen=True, slots=True)
+class NetStatistics:
+    """What the network listener tells about itself."""
+
+    rejected: Mapping[str, int] = field(default_factory=dict)  # by reason
+    dropped: int = 0  # by the kernel: the receive buffer was full
+
+
 class NetListener:
     """Receives network beats into the ``network`` rows of the status table."""
 
@@ -167,8 +177,13 @@ class NetListener:
         self.host, self.port = parse_hostport(listen, default_host="0.0.0.0")
         self.max_skew = max_skew
         self.drop: Callable[[Record], bool] = lambda record: False  # fault injection hook
+        self.rejected: Counter[str] = Counter()  # datagrams turned away, by reason
+        self.dropped = 0  # datagrams the kernel dropped for the UDP socket (buffer full)
         self._logged: dict[str, int] = {}  # rejection counts at the last log line
         self._logged_at: float | None = None
+
+    def statistics(self) -> NetStatistics:
+        return NetStatistics(dict(self.rejected), self.dropped)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
@@ -196,7 +211,7 @@ class NetListener:
         decoding: a flood costs a few microseconds per datagram and never holds the loop
         for more than one batch.
         """
-        rejected = self.table.net_rejected
+        rejected = self.rejected
         key, size, magic = self.key, DATAGRAM_SIZE, MAGIC
         last: tuple[str, tuple[str, int]] | None = None
         taken = 0
@@ -226,7 +241,7 @@ class NetListener:
             except Exception:  # never let one datagram stop the listener
                 rejected["malformed"] += 1
                 log.exception("datagram from %s could not be handled", addr)
-        self.table.net_dropped = socket_drops(sock, self.table.net_dropped)
+        self.dropped = socket_drops(sock, self.dropped)
         if last is not None:
             self._log_rejections(*last)
         return taken
@@ -237,7 +252,7 @@ class NetListener:
         now = self.clock.monotonic()
         if self._logged_at is not None and now - self._logged_at < REJECT_LOG_EVERY:
             return
-        counts = self.table.net_rejected
+        counts = self.rejected
         new = {
             r: n - self._logged.get(r, 0) for r, n in counts.items() if n > self._logged.get(r, 0)
         }

@@ -31,6 +31,8 @@ import os
 import time
 import zlib
 from bisect import bisect_left as _bisect
+from collections import deque
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
@@ -41,7 +43,7 @@ from hbmon.config import SiteConfig, Timing, WatchGlobConfig
 from hbmon.errors import RecordError
 from hbmon.record import RECORD_SIZE
 from hbmon.ringreads import RingReads
-from hbmon.status import Histogram, PathRow, StatusTable
+from hbmon.status import Histogram, HistogramSnapshot, PathRow, StatusTable
 from hbmon.target import Group, ReadOutcome, Target, forget, open_file_budget, read_target
 from hbmon.verdict import PathState
 from hbmon.volume import (
@@ -52,6 +54,21 @@ from hbmon.wheel import Wheel
 from hbmon.workers import WorkerPool
 
 log = logging.getLogger(__name__)
+
+LAG_SAMPLES = 4096  # recent tick lags kept for /status.json's poll_lag_p99
+
+
+@dataclass(frozen=True, slots=True)
+class PollerStatistics:
+    """What the poller tells about itself (read at scrape time, never written to)."""
+
+    io_backend: str = "threads"
+    read_duration: HistogramSnapshot = field(default_factory=HistogramSnapshot)
+    tick_lag: HistogramSnapshot = field(default_factory=HistogramSnapshot)
+    poll_lag: float = 0.0  # how late the latest tick ran
+    poll_lag_p99: float = 0.0  # over the last LAG_SAMPLES ticks
+    workers_stuck: int = 0
+    last_tick: float = 0.0  # monotonic time of the latest tick
 
 CACHED_RUN = 256  # cached reads made back to back before they are judged (128 KiB of buffers)
 BATCH = 1024  # reads per worker-thread call (more threads only add GIL hand-offs)
@@ -158,8 +175,28 @@ class Poller:
         if ring is None:
             ring = os.environ.get("HBMON_IO_BACKEND", "auto") != "threads"
         self.ring = RingReads.create() if ring else None
-        table.io_backend = "io_uring" if self.ring is not None else "threads"
+        self.io_backend = "io_uring" if self.ring is not None else "threads"
+        # what this poller tells about itself (see statistics())
+        self.read_duration = Histogram()
+        self.poll_lag = 0.0
+        self.lag_samples: deque[float] = deque(maxlen=LAG_SAMPLES)  # recent tick lags
+        self.lag_histogram = Histogram()  # every tick's lag, for quantiles over any window
+        self.workers_stuck = 0
+        self.last_tick = self.started
         self._tg: anyio.abc.TaskGroup | None = None
+
+    def statistics(self) -> PollerStatistics:
+        samples = sorted(self.lag_samples)
+        p99 = samples[min(len(samples) - 1, int(0.99 * len(samples)))] if samples else 0.0
+        return PollerStatistics(
+            io_backend=self.io_backend,
+            read_duration=self.read_duration.snapshot(),
+            tick_lag=self.lag_histogram.snapshot(),
+            poll_lag=self.poll_lag,
+            poll_lag_p99=p99,
+            workers_stuck=self.workers_stuck,
+            last_tick=self.last_tick,
+        )
 
     # -- what to watch ------------------------------------------------------------
 
@@ -359,7 +396,7 @@ class Poller:
     def _tick(self, tg: anyio.abc.TaskGroup) -> None:
         self.pool.harvest()
         now = self.clock.monotonic()
-        self.table.last_poll_tick = now
+        self.last_tick = now
         take, reschedule = self._wheel.take, self._reschedule
         cached: list[Target] = []  # read right here (see _read_cached)
         batch: list[Target] = []  # for the worker threads
@@ -395,10 +432,10 @@ class Poller:
             for i in range(0, len(cached), CACHED_RUN):
                 self._read_cached(cached[i : i + CACHED_RUN], now, wall, batch)
         if lag >= 0:
-            self.table.poll_lag = max(lag, 0.0)
-            self.table.lag_samples.append(self.table.poll_lag)
-            self.table.lag_histogram.observe(self.table.poll_lag)
-        self.table.workers_stuck = sum(
+            self.poll_lag = max(lag, 0.0)
+            self.lag_samples.append(self.poll_lag)
+            self.lag_histogram.observe(self.poll_lag)
+        self.workers_stuck = sum(
             1 for t in self.pool.stuck(0.0) if now - t.submitted > t.read_timeout
         )
         if direct:
@@ -451,7 +488,7 @@ class Poller:
             except OSError as err:
                 sizes.append(nowait_refused(vol, err))  # not cached, say
             stamps.append(perf())
-        durations = self.table.read_duration
+        durations = self.read_duration
         counts, bounds, first_bound = durations.counts, _BOUNDS, _BOUNDS[0]
         reads, fast, fastest, total = 0, 0, 0, 0.0
         for target, n, start, end, (_, data, head) in zip(
@@ -528,7 +565,7 @@ class Poller:
 
     def _read_done(self, target: Target, row: PathRow, duration: float) -> None:
         """The bookkeeping of a read that found the next beat (the row took it)."""
-        self.table.read_duration.observe(duration)
+        self.read_duration.observe(duration)
         row.observe_latency(duration)
         target.hung = False
 
@@ -582,7 +619,7 @@ class Poller:
         if row is None or row.timer < 0:  # the pair was removed meanwhile
             return
         now = self.clock.monotonic()
-        self.table.read_duration.observe(out.duration)
+        self.read_duration.observe(out.duration)
         row.observe_latency(out.duration)
         if out.record is not None:
             seen = row.observe_record(out.record, now, self.clock.wall())

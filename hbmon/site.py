@@ -25,7 +25,7 @@ from hbmon.config import SiteConfig, load_config, parse_hostport
 from hbmon.errors import ConfigError, HbmonError
 from hbmon.failover import JOURNAL_NAME, FailoverGuard, Journal
 from hbmon.http import HttpApi, serve_http
-from hbmon.metrics import site_registry
+from hbmon.metrics import Components, site_registry
 from hbmon.netbeat import NetListener, NetSender, load_secret
 from hbmon.poller import Poller
 from hbmon.status import StatusTable
@@ -53,7 +53,6 @@ class Site:
         self.listen = listen or config.listen
         self.table = StatusTable(self.clock, site=config.site)
         self.table.changes.burst = config.log_changes
-        self.registry = site_registry(self.table)
         key = load_secret(config.network.key_file) if config.network.key_file else None
         self.sender = NetSender(key) if key is not None else None
         self.listener = (
@@ -71,7 +70,6 @@ class Site:
             sender=self.sender,
             on_written=on_written,
         )
-        self.api = HttpApi(self.table, self.registry)
         self.ssl_context = server_context(config)
         token = (
             load_secret(config.webhook_token_file, "webhook.token_file")
@@ -97,6 +95,13 @@ class Site:
             hold_down=config.failover_hold_down,
             timeout=config.failover_timeout,
         )
+        components = Components(
+            poller=self.poller.statistics,
+            listener=self.listener.statistics if self.listener is not None else None,
+            guard=self.guard.statistics,
+        )
+        self.registry = site_registry(self.table, components)
+        self.api = HttpApi(self.table, self.registry, self.poller.statistics)
         self.webhook = Webhook(self.guard, token, self._task_group, client_certs=client_certs)
         self.api.extra_routes.extend(self.webhook.routes())
         self._tg: anyio.abc.TaskGroup | None = None

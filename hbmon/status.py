@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ __all__ = [
     "SEVERITY",
     "STATES",
     "Histogram",
+    "HistogramSnapshot",
     "Pair",
     "PathRow",
     "StatusTable",
@@ -185,35 +186,37 @@ class Histogram:
             out.append((bound, running))
         return out
 
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(tuple(self.cumulative()), self.total)
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    """A histogram as it stood: cumulative ``(upper bound, count)`` buckets and the sum."""
+
+    buckets: tuple[tuple[float, int], ...] = ()
+    total: float = 0.0
+
 
 _BOUNDS = Histogram.BOUNDS
 _bisect_left = bisect.bisect_left
 
 
 class StatusTable:
-    """All rows of one site, plus the site-wide gauges the poller and beater keep."""
+    """All rows of one site and what the beater knows of its writers.  The poller, the
+    network listener and the failover guard keep their own counters (``statistics()``)."""
 
     def __init__(self, clock: Clock, site: str = "") -> None:
         self.clock = clock
         self.site = site
         self.pairs: dict[str, Pair] = {}
         self.writers: dict[str, WriterStats] = {}
-        self.read_duration = Histogram()
-        self.poll_lag = 0.0
-        self.lag_samples: deque[float] = deque(maxlen=4096)  # recent tick lags, seconds
-        self.lag_histogram = Histogram()  # every tick's lag, for quantiles over any window
-        self.workers_stuck = 0
-        self.io_backend = "threads"
-        self.net_rejected: Counter[str] = Counter()
-        self.net_dropped = 0  # datagrams the kernel dropped for the UDP socket (buffer full)
-        self.failovers: Counter[tuple[str, str]] = Counter()
         # Each row's next possible change, in a wheel (see run_due); ``row.timer`` says
         # which of a row's entries is current.
         self._timers: Wheel[PathRow] = Wheel(TIMER_GRAIN)
         self._sleep_key = -(1 << 62)  # run_timers sleeps until this bucket ends
         self._wake = anyio.Event()
         self.started = clock.monotonic()
-        self.last_poll_tick = self.started
         self.changes = ChangeLog(log)
         self.generation = 0  # bumped whenever pairs or their paths change (renderer caches)
 
@@ -399,11 +402,6 @@ class StatusTable:
                 self.touch(row, now)
             pair.rejudge(now)
         return now
-
-    def lag_quantile(self, q: float) -> float:
-        """A quantile of the recent poll-scheduler lags (0 when nothing was polled yet)."""
-        samples = sorted(self.lag_samples)
-        return samples[min(len(samples) - 1, int(q * len(samples)))] if samples else 0.0
 
     def polled(self) -> tuple[int, int]:
         """(volume rows read at least once, volume rows): start-up progress."""

@@ -11,9 +11,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from hbmon.clock import FakeClock
 from hbmon.config import Timing
 from hbmon.exposition import Renderer
-from hbmon.metrics import make_registry, site_registry
+from hbmon.failover import GuardStatistics
+from hbmon.metrics import Components, make_registry, site_registry
+from hbmon.netbeat import NetStatistics
+from hbmon.poller import PollerStatistics
 from hbmon.record import Record
-from hbmon.status import StatusTable
+from hbmon.status import Histogram, StatusTable
 
 TIMING = Timing(interval=1.0, miss_threshold=3, recover_beats=2)
 
@@ -40,11 +43,21 @@ def busy_table() -> StatusTable:
     assert broken is not None
     broken.observe_problem("invalid", "checksum_mismatch", "bad crc", clock.monotonic())
     broken.observe_problem("invalid", "identity_mismatch", "db9", clock.monotonic())
-    table.net_rejected["replay"] += 3
-    table.failovers[("dead", "refused")] += 1
-    table.read_duration.observe(0.002)
     table.evaluate()
     return table
+
+
+def busy_components() -> Components:
+    """What a poller, a listener and a guard that have been at work would tell."""
+    reads, ticks = Histogram(), Histogram()
+    reads.observe(0.002)
+    ticks.observe(0.004)
+    polls = PollerStatistics("io_uring", reads.snapshot(), ticks.snapshot(), 0.004, 0.004, 2)
+    return Components(
+        poller=lambda: polls,
+        listener=lambda: NetStatistics({"replay": 3}, dropped=7),
+        guard=lambda: GuardStatistics({("dead", "refused"): 1}),
+    )
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -59,15 +72,22 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_fast_rendering_equals_the_reference_collector() -> None:
     table = busy_table()
-    renderer = Renderer(table, site_registry(table))
+    renderer = Renderer(table, site_registry(table, busy_components()))
     fast = renderer.render(renderer.inputs()).decode()
-    reference = generate_latest(make_registry(table)).decode()
+    reference = generate_latest(make_registry(table, busy_components())).decode()
     got, want = samples(fast), samples(reference)
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key] == pytest.approx(value), key
     assert ("hbmon_pair_verdict", (("pair", "dead"), ("verdict", "host_down"))) in got
     assert got[("hbmon_pair_verdict", (("pair", "dead"), ("verdict", "host_down")))] == 1.0
+    # the site-wide families come from the components' statistics
+    assert got[("hbmon_network_rejected_total", (("reason", "replay"),))] == 3
+    assert got[("hbmon_network_receive_dropped_total", ())] == 7
+    assert got[("hbmon_failover_total", (("pair", "dead"), ("result", "refused")))] == 1
+    assert got[("hbmon_volume_read_duration_seconds_count", ())] == 1
+    assert got[("hbmon_poll_tick_lag_seconds_sum", ())] == pytest.approx(0.004)
+    assert got[("hbmon_workers_stuck", ())] == 2
     # web-2 beat at 1.0 last: no interval mismatch
     assert (
         "hbmon_timing_warning",

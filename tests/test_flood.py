@@ -130,7 +130,7 @@ def test_drain_takes_a_batch_and_counts_every_rejection(caplog: pytest.LogCaptur
     assert max(taken) == BATCH  # one batch per wake-up, no more
     assert sum(taken) == 302
     assert table.row("db1", "network").serial == 1  # type: ignore[union-attr]
-    assert dict(table.net_rejected) == {**sent, "replay": 1}
+    assert dict(listener.rejected) == {**sent, "replay": 1}
     logged = [r.getMessage() for r in caplog.records]
     assert len(logged) == 1, logged  # one line, not one per datagram
     assert logged[0].startswith("network datagrams rejected: ")

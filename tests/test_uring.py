@@ -89,7 +89,7 @@ async def test_the_poller_reads_block_devices_through_the_ring(
     table = StatusTable(clock)
     poller = Poller(table, clock, threads=2, ring=True)
     assert poller.ring is not None
-    assert table.io_backend == "io_uring"
+    assert poller.statistics().io_backend == "io_uring"
     # device 0 carries slots 4..7, device 1 slots 0..3
     pairs = [
         (f"d{d}s{s}", image, dev, s + 4 * (d == 0))
@@ -138,7 +138,7 @@ def test_threads_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     table = StatusTable(clock)
     poller = Poller(table, clock, threads=2)
     assert poller.ring is None
-    assert table.io_backend == "threads"
+    assert poller.statistics().io_backend == "threads"
 
 
 async def test_a_read_the_device_never_answers_is_io_hung_and_recovers(
@@ -197,7 +197,7 @@ async def test_a_read_the_device_never_answers_is_io_hung_and_recovers(
                     assert state("fine") == "alive"
                     assert poller.ring.submitted_total > submitted  # the ring was reading
                     assert poller.ring.ring.inflight >= 1  # the hung read waits in the ring
-                    assert table.workers_stuck == 0  # and holds no thread
+                    assert poller.statistics().workers_stuck == 0  # and holds no thread
                 fs.heal()
                 await beat(2.0)
                 assert (state("hung"), state("fine")) == ("alive", "alive")
