@@ -255,7 +255,7 @@ peers = ["127.0.0.1:{self.udp}"]
         seen = []
         for _ in range(ticks):
             await self.tick()
-            seen.append(await self.verdict())
+            seen.append(self.verdict())
             if seen[-1] == verdict:
                 return
         pytest.fail(f"no {verdict} within {ticks} ticks; verdicts: {seen}")
@@ -263,7 +263,7 @@ peers = ["127.0.0.1:{self.udp}"]
     async def come_alive(self) -> None:
         for _ in range(3):  # a baseline, then beats on both paths
             await self.tick()
-        assert await self.verdict() == "alive"
+        assert self.verdict() == "alive"
 
     # -- HTTP, as Alertmanager, Prometheus and an operator see it ----------------------------
 
@@ -271,7 +271,7 @@ peers = ["127.0.0.1:{self.udp}"]
         async with aiohttp.ClientSession() as http, http.get(self.url + path) as resp:
             return resp.status, await resp.text()
 
-    async def states(self) -> dict[str, str]:
+    def states(self) -> dict[str, str]:
         """The pair's verdict and path states now: the rows of /status.json, taken from the
         table (the page itself is shared for 0.25 s, which is 2.5 ticks here)."""
         rows = [r for r in self.site.table.snapshot() if r["pair"] == PAIR]
@@ -280,8 +280,8 @@ peers = ["127.0.0.1:{self.udp}"]
             **{str(r["path"]): str(r["state"]) for r in rows},
         }
 
-    async def verdict(self) -> str:
-        return (await self.states())["verdict"]
+    def verdict(self) -> str:
+        return self.states()["verdict"]
 
     async def counted(self, result: str) -> float:
         status, body = await self.get("/metrics")
@@ -390,7 +390,7 @@ async def unknown(lab: Lab) -> str:
     corrupt_slot(lab.link, lab.files)
     await lab.tick_until("unknown")
     await lab.tick(JUMP)  # and stays so: an unreadable path is no evidence of a death
-    assert await lab.states() == {"verdict": "unknown", "volume": "invalid", "network": "stale"}
+    assert lab.states() == {"verdict": "unknown", "volume": "invalid", "network": "stale"}
     return "unknown"
 
 
@@ -400,7 +400,7 @@ async def stopped(lab: Lab) -> str:
     await lab.stop_writer()  # systemctl stop: stopping records on both paths
     await lab.tick_until("stopped")
     await lab.tick(JUMP)  # a planned stop stays a planned stop, however long ago
-    assert await lab.states() == {"verdict": "stopped", "volume": "stopped", "network": "stopped"}
+    assert lab.states() == {"verdict": "stopped", "volume": "stopped", "network": "stopped"}
     return "stopped"
 
 
@@ -416,7 +416,7 @@ async def awaiting(lab: Lab) -> str:
     await lab.tick()
     await until(lambda: lab.row("network").installed, "the activation datagram")
     await lab.tick(JUMP)
-    assert await lab.states() == {
+    assert lab.states() == {
         "verdict": "awaiting",
         "volume": "awaiting",
         "network": "awaiting",
@@ -430,7 +430,7 @@ async def retired(lab: Lab) -> str:
     await lab.hbmon("volume", "retire", str(lab.pvol), "--id", PAIR, "-c", str(lab.writer_config))
     await lab.tick_until("retired")
     await lab.tick(JUMP)
-    assert await lab.states() == {"verdict": "retired", "volume": "retired", "network": "retired"}
+    assert lab.states() == {"verdict": "retired", "volume": "retired", "network": "retired"}
     return "retired"
 
 
@@ -465,7 +465,7 @@ async def test_nothing_runs_unless_the_table_says_host_down(
         assert verdict in entries[0]["reason"], entries[0]
         assert await lab.counted("refused") == 1
         assert await lab.counted("executed") == 0
-        assert await lab.verdict() == verdict  # refused for that reason, not another
+        assert lab.verdict() == verdict  # refused for that reason, not another
 
 
 async def test_degraded_while_a_dying_hosts_paths_go_stale_then_it_runs(tmp_path: Path) -> None:
@@ -481,7 +481,7 @@ async def test_degraded_while_a_dying_hosts_paths_go_stale_then_it_runs(tmp_path
         for _ in range(3):  # the copy lands (the reader sees the last beat), then silence
             await lab.tick()
         await lab.tick(INTERVAL / 2, read=False)  # network 0.35 s quiet, the SVOL 0.25 s
-        assert await lab.states() == {"verdict": "degraded", "network": "stale", "volume": "late"}
+        assert lab.states() == {"verdict": "degraded", "network": "stale", "volume": "late"}
         status, doc = await lab.alert()
         assert status == 200, doc
         [decision] = doc["decisions"]
@@ -493,7 +493,7 @@ async def test_degraded_while_a_dying_hosts_paths_go_stale_then_it_runs(tmp_path
         assert await lab.counted("refused") == 1
 
         await lab.tick(read=False)  # the SVOL is stale too: host_down
-        assert await lab.states() == {"verdict": "host_down", "network": "stale", "volume": "stale"}
+        assert lab.states() == {"verdict": "host_down", "network": "stale", "volume": "stale"}
         status, doc = await lab.alert()
         assert status == 200, doc
         assert doc["decisions"][0]["action"] == "failover", doc
