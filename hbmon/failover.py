@@ -127,12 +127,27 @@ class Journal:
         self.path = path
 
     def append(self, entry: dict[str, Any]) -> None:
+        """Append ``entry`` as one whole line, on disk when this returns, or raise OSError.
+
+        A write the file system cuts short (a full disk takes what fits in the last page)
+        is taken back, so no torn line is left for the next entry to be glued to; a torn
+        last line left by a crash is ended before the new one begins."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(entry, sort_keys=True) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        data = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
 
@@ -171,6 +186,7 @@ class GuardStatistics:
     """What the failover guard tells about itself."""
 
     decisions: Mapping[tuple[str, Result], int] = field(default_factory=dict)
+    journal_errors: int = 0
 
 
 class FailoverGuard:
@@ -195,6 +211,7 @@ class FailoverGuard:
         self.running: set[str] = set()
         self.last_started: dict[str, float] = {}  # pair -> monotonic time of the last start
         self.counts: Counter[tuple[str, Result]] = Counter()  # (pair, result) -> decisions
+        self.journal_errors = 0  # journal entries that could not be written
         now, wall, stamp = clock.monotonic(), clock.wall(), boot()
         for entry in journal.entries():  # hold-downs survive restarts
             if entry.get("event") == "started" and isinstance(entry.get("pair"), str):
@@ -203,7 +220,7 @@ class FailoverGuard:
                 self.last_started[pair] = max(started, self.last_started.get(pair, started))
 
     def statistics(self) -> GuardStatistics:
-        return GuardStatistics(dict(self.counts))
+        return GuardStatistics(dict(self.counts), self.journal_errors)
 
     def decide(self, pair_id: str) -> Decision:
         """What an alert for ``pair_id`` would cause now, and why."""
@@ -255,8 +272,7 @@ class FailoverGuard:
             log.warning("failover of %s refused: %s", pair_id, decision.reason)
             return decision
         self.running.add(pair_id)
-        self.last_started[pair_id] = self.clock.monotonic()
-        stamp = self.boot()
+        now, stamp = self.clock.monotonic(), self.boot()
         try:
             await self._journal(
                 {
@@ -266,9 +282,10 @@ class FailoverGuard:
                     **decision.as_dict(),
                 }
             )
-        except BaseException:
+        except BaseException:  # not journaled: not started, and nothing held down
             self.running.discard(pair_id)
             raise
+        self.last_started[pair_id] = now
         log.warning("failover of %s: running %s", pair_id, " ".join(decision.command))
         task_group.start_soon(self._execute, decision)
         return decision
@@ -301,13 +318,19 @@ class FailoverGuard:
         try:
             with anyio.CancelScope(shield=True):
                 await self._journal({"event": result, **entry})
+        except OSError as err:  # the command has run: say so, and keep the site running
+            log.error("failover of %s: %s, but not journaled: %s", pair, result, err)
         finally:
             self.running.discard(pair)
         log.warning("failover of %s: %s", pair, result)
 
     async def _journal(self, entry: dict[str, Any]) -> None:
         entry = {"time": self.clock.wall(), "site": self.table.site, **entry}
-        await anyio.to_thread.run_sync(self.journal.append, entry)
+        try:
+            await anyio.to_thread.run_sync(self.journal.append, entry)
+        except OSError:
+            self.journal_errors += 1
+            raise
 
 
 async def run_command(

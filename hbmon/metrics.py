@@ -233,6 +233,12 @@ class SiteCollector(Collector):
         for (pair_id, result), count in sorted(counts.items()):
             failovers.add_metric([pair_id, result], count)
         yield failovers
+        yield CounterMetricFamily(
+            "hbmon_failover_journal_errors",
+            "Failover journal entries that could not be written (a start that cannot be "
+            "journaled does not run)",
+            value=guard.journal_errors,
+        )
         yield written
         yield write_errors
         yield sent
