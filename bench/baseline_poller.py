@@ -22,8 +22,9 @@ Two lateness figures are kept.  ``lag_*``: every task wake-up, how late it woke 
 own due time (one sample per read).  ``pass_*``: the quantity hbmon's
 ``hbmon_poll_tick_lag_seconds`` holds, one sample per scheduler pass that starts reads --
 here an event-loop iteration in which tasks woke for their reads -- the lateness of the
-most overdue read it started, against that read's due time, taken when the pass began to
-start reads (the first wake-up of the iteration; hbmon: the tick's start), at least 0.
+most overdue read it started: the largest (wake-up time - due time) among its wake-ups, at
+least 0 (hbmon: tick start - due time of its earliest-due group, whose reads start in that
+tick).  An iteration still running when ``stats`` is asked counts as a pass.
 
 SIGTERM (default action) or the end of stdin ends it.
 """
@@ -79,8 +80,7 @@ class Baseline:
         self.first_reads = 0
         self.lags = array.array("d")  # compact: 10,000 samples a second
         self.pass_lags = array.array("d")  # one per loop iteration that woke tasks
-        self._pass = -1  # the iteration of the pass being gathered
-        self._pass_start = 0.0  # its first wake-up
+        self._pass = -1  # the iteration of the pass being gathered (-1: none yet)
         self._pass_max = 0.0  # its most overdue read so far
         self.renders: list[float] = []
         self.scraping = False
@@ -101,9 +101,9 @@ class Baseline:
                 if passes != self._pass:  # the first wake-up of a new pass
                     if self._pass >= 0:
                         self.pass_lags.append(self._pass_max)
-                    self._pass, self._pass_start, self._pass_max = passes, now, 0.0
-                if self._pass_start - due > self._pass_max:
-                    self._pass_max = self._pass_start - due
+                    self._pass, self._pass_max = passes, 0.0
+                if now - due > self._pass_max:
+                    self._pass_max = now - due
             async with aiofiles.open(path, "rb") as f:
                 data = await f.read(512)
             now = loop.time()
@@ -155,6 +155,7 @@ class Baseline:
     def start_scraping(self) -> None:
         self.lags = array.array("d")
         self.pass_lags = array.array("d")
+        self._pass = -1  # (a pass begun before is not counted; the rest of it is a new one)
         if not self.scraping:
             self.scraping = True
             threading.Thread(target=self.scrape_forever, daemon=True).start()
@@ -167,7 +168,7 @@ class Baseline:
         top = lags[-1] if lags else math.nan
         renders = list(self.renders)
         med = statistics.median(renders) if renders else math.nan
-        passes = sorted(self.pass_lags[:])
+        passes = sorted([*self.pass_lags, *([self._pass_max] if self._pass >= 0 else [])])
         k = len(passes)
         pass_p50 = passes[k // 2] if passes else math.nan
         pass_p99 = passes[min(k - 1, math.ceil(0.99 * k) - 1)] if passes else math.nan

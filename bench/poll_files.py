@@ -714,11 +714,12 @@ def print_results(
         "hbmon <= 50 ms",
     )
     info(
-        "both: one sample per pass of the poll scheduler that starts reads, how late the pass "
-        "began against the due time of the most overdue read it started (at least 0); hbmon: "
-        "each poll tick (hbmon_poll_tick_lag_seconds, the value of the line before, "
-        "interpolated within its bucket); baseline: each event-loop iteration in which tasks "
-        "woke for their reads, from the first wake-up of the iteration (exact, nearest rank; "
+        "both: one sample per pass of the poll scheduler that starts reads, how late it got "
+        "to the most overdue read it started, against that read's due time (at least 0); "
+        "hbmon: each poll tick, tick start - due time of its earliest-due group "
+        "(hbmon_poll_tick_lag_seconds, the value of the line before, interpolated within its "
+        "bucket); baseline: each event-loop iteration in which tasks woke for their reads, "
+        "the largest wake-up - due time among them (exact, nearest rank; "
         f"{fmt(med_extra(base, 'passes'), '', 0)} passes in the window, max "
         f"{fmt(_ms(med_extra(base, 'pass_max')), ' ms')})"
     )
