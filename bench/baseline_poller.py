@@ -15,7 +15,16 @@ used: under this load asyncio's self-pipe is full and a signal's wake-up byte is
   second (what prometheus-client's own HTTP server does in a thread), and forget the lag
   samples gathered so far;
 * ``stats``: answers ``stats polls=N lag_n=N lag_p50=S lag_p99=S lag_max=S renders=N
-  render_median=S`` (lags since the last ``scrape``, or since start).
+  render_median=S pass_n=N pass_p50=S pass_p99=S pass_max=S`` (lags since the last
+  ``scrape``, or since start).
+
+Two lateness figures are kept.  ``lag_*``: every task wake-up, how late it woke against its
+own due time (one sample per read).  ``pass_*``: the quantity hbmon's
+``hbmon_poll_tick_lag_seconds`` holds, one sample per scheduler pass that starts reads --
+here an event-loop iteration in which tasks woke for their reads -- the lateness of the
+most overdue read it started: the largest (wake-up time - due time) among its wake-ups, at
+least 0 (hbmon: tick start - due time of its earliest-due group, whose reads start in that
+tick).  An iteration still running when ``stats`` is asked counts as a pass.
 
 SIGTERM (default action) or the end of stdin ends it.
 """
@@ -44,6 +53,16 @@ STARTED = time.monotonic()
 FRESH = ("alive", "late")
 
 
+class PassLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts its iterations, so wake-ups of one pass can be told."""
+
+    passes = 0
+
+    def _run_once(self) -> None:
+        self.passes += 1
+        super()._run_once()  # (private, CPython 3.11-3.13)
+
+
 class Baseline:
     def __init__(self, paths: list[Path], interval: float, miss_threshold: int) -> None:
         self.paths = paths
@@ -60,6 +79,9 @@ class Baseline:
         self.polls = 0
         self.first_reads = 0
         self.lags = array.array("d")  # compact: 10,000 samples a second
+        self.pass_lags = array.array("d")  # one per loop iteration that woke tasks
+        self._pass = -1  # the iteration of the pass being gathered (-1: none yet)
+        self._pass_max = 0.0  # its most overdue read so far
         self.renders: list[float] = []
         self.scraping = False
 
@@ -74,6 +96,14 @@ class Baseline:
             await asyncio.sleep(max(0.0, due - loop.time()))
             now = loop.time()
             self.lags.append(max(0.0, now - due))
+            passes = getattr(loop, "passes", None)
+            if passes is not None:
+                if passes != self._pass:  # the first wake-up of a new pass
+                    if self._pass >= 0:
+                        self.pass_lags.append(self._pass_max)
+                    self._pass, self._pass_max = passes, 0.0
+                if now - due > self._pass_max:
+                    self._pass_max = now - due
             async with aiofiles.open(path, "rb") as f:
                 data = await f.read(512)
             now = loop.time()
@@ -124,6 +154,8 @@ class Baseline:
 
     def start_scraping(self) -> None:
         self.lags = array.array("d")
+        self.pass_lags = array.array("d")
+        self._pass = -1  # (a pass begun before is not counted; the rest of it is a new one)
         if not self.scraping:
             self.scraping = True
             threading.Thread(target=self.scrape_forever, daemon=True).start()
@@ -136,9 +168,16 @@ class Baseline:
         top = lags[-1] if lags else math.nan
         renders = list(self.renders)
         med = statistics.median(renders) if renders else math.nan
+        passes = sorted([*self.pass_lags, *([self._pass_max] if self._pass >= 0 else [])])
+        k = len(passes)
+        pass_p50 = passes[k // 2] if passes else math.nan
+        pass_p99 = passes[min(k - 1, math.ceil(0.99 * k) - 1)] if passes else math.nan
+        pass_max = passes[-1] if passes else math.nan
         print(
             f"stats polls={self.polls} lag_n={n} lag_p50={p50:.6f} lag_p99={p99:.6f} "
-            f"lag_max={top:.6f} renders={len(renders)} render_median={med:.6f}",
+            f"lag_max={top:.6f} renders={len(renders)} render_median={med:.6f} "
+            f"pass_n={k} pass_p50={pass_p50:.6f} pass_p99={pass_p99:.6f} "
+            f"pass_max={pass_max:.6f}",
             flush=True,
         )
 
@@ -172,7 +211,8 @@ def main() -> None:
     paths = sorted(args.folder.glob("*.vol"))
     if not paths:
         sys.exit(f"no *.vol in {args.folder}")
-    asyncio.run(Baseline(paths, args.interval, args.miss_threshold).run())
+    with asyncio.Runner(loop_factory=PassLoop) as runner:
+        runner.run(Baseline(paths, args.interval, args.miss_threshold).run())
 
 
 if __name__ == "__main__":

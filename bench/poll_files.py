@@ -10,14 +10,23 @@ process:
   with ``polled`` asked every 0.2 s, which delays it; baseline: its ``first-read-all``
   line);
 * target 1: process CPU (% of one core, user + system) over a window after a warm-up;
-* target 4: poll lag p99 while /metrics is scraped once a second (hbmon: ``poll_lag_p99``
-  of /status.json at the end of the window; baseline: its own lag samples while a thread
-  renders its registry once a second);
+  the baseline cannot keep up with 10,000 reads a second, so the ratio is CPU per read;
+  and, with ``--equal N`` (default 1,000; 0: skip), both again at N volumes, a load the
+  baseline sustains, each against a writer of its own N volumes (the 10,000 volumes'
+  writer stopped meanwhile): the CPU ratio at equal load;
+* target 4: poll lag p99 while /metrics is scraped once a second (hbmon: every poll tick
+  in the window, from ``hbmon_poll_tick_lag_seconds``; baseline: the same quantity, one
+  sample per scheduler pass that starts reads -- an event-loop iteration in which tasks
+  woke -- the lateness of the most overdue read it started; also, as before, the lateness
+  of every task wake-up, one sample per read), while a thread renders the baseline's
+  registry once a second;
 * target 6: peak RSS during that window (sampled every 0.1 s); with ``--soak`` the last
   hbmon process keeps running, scraped every second, and its RSS is sampled every 10 s
   just before a scrape.
 
-Medians over ``--runs`` runs.  Nothing is asserted: it prints one line per target.
+Medians over ``--runs`` runs; hbmon goes first in odd runs, the baseline in even ones (also
+at equal load), so that an order effect cancels over an even number of runs.  Nothing is
+asserted: it prints one line per target.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from common import (
     machine_line,
     make_volumes,
     measure_cpu,
+    measure_cpu_fine,
     median,
     metric_value,
     quantile,
@@ -256,9 +266,74 @@ def run_baseline(folder: Path, tmp: Path, args: argparse.Namespace, n: int) -> R
         res.extra = {"lag_max": s2["lag_max"], "renders": s2["renders"], "wakeups": s2["lag_n"]}
         if s2["renders"]:
             res.extra["render"] = s2["render_median"]
+        if s2.get("pass_n"):  # the quantity hbmon's tick lag is (see baseline_poller.py)
+            res.extra |= {"pass_p99": s2["pass_p99"], "pass_max": s2["pass_max"]}
+            res.extra["passes"] = s2["pass_n"]
     finally:
         proc.stop()
     return res
+
+
+def run_baseline_equal(folder: Path, tmp: Path, args: argparse.Namespace) -> Result:
+    """Target 1 at equal load: the baseline at ``args.equal`` volumes, CPU only."""
+    res = Result()
+    proc = BaselineProc(folder, tmp / "baseline-equal.stderr")
+    try:
+        when, _ = proc.wait_line("first-read-all", 60)
+        res.startup = when - proc.started
+        time.sleep(args.equal_warmup)
+        s0 = proc.stats()
+        t0 = time.monotonic()
+        res.cpu, res.extra["user"], res.extra["system"] = measure_cpu_fine(
+            proc.proc.pid, args.equal_window
+        )
+        t1 = time.monotonic()
+        s1 = proc.stats()
+        res.reads_per_s = (s1["polls"] - s0["polls"]) / (t1 - t0)
+    finally:
+        proc.stop()
+    return res
+
+
+def run_hbmon_equal(folder: Path, tmp: Path, args: argparse.Namespace) -> Result:
+    """Target 1 at equal load: ``hbmon run`` at ``args.equal`` volumes, CPU only."""
+    res = Result()
+    port = free_port()
+    site = Hbmon(glob_config(tmp, folder, port), tmp / "hbmon-equal.stderr", port)
+    try:
+        res.startup = site.wait_serving()
+        time.sleep(1.0 + args.equal_warmup)  # every volume read (~1 s), then the warm-up
+        ta = time.monotonic()
+        r0 = hbmon_reads(site)  # its render runs before the CPU window opens
+        res.cpu, res.extra["user"], res.extra["system"] = measure_cpu_fine(
+            site.pid, args.equal_window
+        )
+        t1 = time.monotonic()
+        r1 = hbmon_reads(site)
+        if r0 is not None and r1 is not None:
+            res.reads_per_s = (r1 - r0) / (t1 - ta)
+        site.check()
+    finally:
+        site.stop()
+    return res
+
+
+def run_equal(
+    folder: Path, tmp: Path, args: argparse.Namespace, hbmon_first: bool
+) -> tuple[Result, Result]:
+    """Both sides at ``args.equal`` volumes (a writer of their own), in the given order."""
+    out: dict[str, Result] = {}
+    writer = start(writer_argv(folder, 1.0), tmp / "writer.stderr")
+    try:
+        time.sleep(1.0)  # every volume's record moves before the first side starts
+        for side in ("hbmon", "baseline") if hbmon_first else ("baseline", "hbmon"):
+            run = run_hbmon_equal if side == "hbmon" else run_baseline_equal
+            out[side] = run(folder, tmp, args)
+        if writer.poll() is not None:
+            print(f"warning: the equal-load writer exited with code {writer.returncode}")
+    finally:
+        stop(writer)
+    return out["baseline"], out["hbmon"]
 
 
 def wait_polled(site: Hbmon, n: int, timeout: float = 120.0) -> float:
@@ -449,11 +524,20 @@ def parse() -> argparse.Namespace:
         type=float,
         help="RSS growth over this many seconds (default 600, 60 with --quick; 0: skip)",
     )
+    p.add_argument(
+        "--equal",
+        type=int,
+        default=1000,
+        help="target 1 again with both sides at this many volumes (default 1000; 0: skip)",
+    )
+    p.add_argument("--equal-warmup", type=float, help="seconds (default 5, 2 with --quick)")
+    p.add_argument("--equal-window", type=float, help="CPU window, s (default 15, 4 --quick)")
     args = p.parse_args()
     quick = args.quick
     defaults = {"runs": 1 if quick else 3, "warmup": 3.0 if quick else 5.0}
     defaults |= {"window": 5.0 if quick else 20.0, "lag_window": 5.0 if quick else 15.0}
     defaults |= {"soak": 60.0 if quick else 600.0}
+    defaults |= {"equal_warmup": 2.0 if quick else 5.0, "equal_window": 4.0 if quick else 15.0}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -464,7 +548,11 @@ def main() -> int:
     exit_on_sigterm()
     args = parse()
     n = args.volumes
-    print(f"poll_files: {n} file volumes at 1 s, runs={args.runs}" + " (quick)" * args.quick)
+    print(
+        f"poll_files: {n} file volumes at 1 s, runs={args.runs}"
+        + f", equal load {args.equal} volumes" * bool(args.equal)
+        + " (quick)" * args.quick
+    )
     print(machine_line(), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="hbmon-bench-poll-"))
     writer = None
@@ -472,39 +560,62 @@ def main() -> int:
         folder = tmp / "vols"
         made = time.monotonic()
         make_volumes(folder, n)
+        if args.equal:
+            make_volumes(tmp / "equal" / "vols", args.equal)
         info(f"made {n} volumes in {time.monotonic() - made:.1f} s; starting the writer")
-        writer = start(writer_argv(folder, 1.0), tmp / "writer.stderr")
-        time.sleep(1.5)
         base: list[Result] = []
         mine: list[Result] = []
+        base_eq: list[Result] = []
+        mine_eq: list[Result] = []
         soak: dict[str, object] = {}
         for run in range(args.runs):
-            b = run_baseline(folder, tmp, args, n)
-            base.append(b)
-            info(
-                f"run {run + 1} baseline: start-up {fmt(b.startup, ' s', 2)}, "
-                f"CPU {fmt(b.cpu, ' %')}, {fmt(b.reads_per_s, ' reads/s', 0)}, "
-                f"lag p99 {fmt(b.lag_p99, ' s', 3)}, RSS {fmt(b.rss, ' MiB')}, "
-                f"render {fmt(b.extra.get('render'), ' s', 2)}"
-            )
+            if writer is None:
+                writer = start(writer_argv(folder, 1.0), tmp / "writer.stderr")
+                time.sleep(1.5)
+            hbmon_first = run % 2 == 0  # odd runs (1, 3, ...): hbmon first
             last = run == args.runs - 1
-            h, s = run_hbmon(folder, tmp, args, n, args.soak if last else 0.0)
-            mine.append(h)
-            soak = soak or s
-            info(
-                f"run {run + 1} hbmon: start-up {fmt(h.startup, ' s', 2)}, CPU {fmt(h.cpu, ' %')}"
-                f", {fmt(h.reads_per_s, ' reads/s', 0)}, lag p99 {fmt(h.lag_p99, ' s', 4)}, "
-                f"RSS peak {fmt(h.rss, ' MiB')} (never scraped "
-                f"{h.extra['rss_no_scrape']:.1f}, after 2 scrapes {h.extra['rss_after_cpu']:.1f}, "
-                f"between scrapes {h.extra.get('rss_between', 0):.1f}), "
-                f"GET /metrics median {h.extra.get('scrape_median', float('nan')) * 1000:.0f} ms"
-                f" max {h.extra.get('scrape_max', float('nan')) * 1000:.0f} ms "
-                f"({h.extra.get('body_mib', 0):.1f} MiB body, "
-                f"{int(h.extra.get('scrape_errors', 0))} errors)"
-            )
-        print_results(args, n, base, mine, soak)
-        if writer.poll() is not None:
-            print(f"warning: the writer exited with code {writer.returncode}")
+            for side in ("hbmon", "baseline") if hbmon_first else ("baseline", "hbmon"):
+                if side == "baseline":
+                    b = run_baseline(folder, tmp, args, n)
+                    base.append(b)
+                    info(
+                        f"run {run + 1} baseline: start-up {fmt(b.startup, ' s', 2)}, "
+                        f"CPU {fmt(b.cpu, ' %')}, {fmt(b.reads_per_s, ' reads/s', 0)}, "
+                        f"lag p99 {fmt(b.lag_p99, ' s', 3)} (per pass "
+                        f"{fmt(b.extra.get('pass_p99'), ' s', 3)}), RSS {fmt(b.rss, ' MiB')}, "
+                        f"render {fmt(b.extra.get('render'), ' s', 2)}"
+                    )
+                    continue
+                h, s = run_hbmon(folder, tmp, args, n, args.soak if last else 0.0)
+                mine.append(h)
+                soak = soak or s
+                info(
+                    f"run {run + 1} hbmon: start-up {fmt(h.startup, ' s', 2)}, CPU "
+                    f"{fmt(h.cpu, ' %')}, {fmt(h.reads_per_s, ' reads/s', 0)}, lag p99 "
+                    f"{fmt(h.lag_p99, ' s', 4)}, RSS peak {fmt(h.rss, ' MiB')} (never scraped "
+                    f"{h.extra['rss_no_scrape']:.1f}, after 2 scrapes "
+                    f"{h.extra['rss_after_cpu']:.1f}, between scrapes "
+                    f"{h.extra.get('rss_between', 0):.1f}), GET /metrics median "
+                    f"{h.extra.get('scrape_median', float('nan')) * 1000:.0f} ms"
+                    f" max {h.extra.get('scrape_max', float('nan')) * 1000:.0f} ms "
+                    f"({h.extra.get('body_mib', 0):.1f} MiB body, "
+                    f"{int(h.extra.get('scrape_errors', 0))} errors)"
+                )
+            if writer.poll() is not None:
+                print(f"warning: the writer exited with code {writer.returncode}")
+            if args.equal:
+                stop(writer)  # its 10,000 writes a second are no part of the equal load
+                writer = None
+                b, h = run_equal(tmp / "equal" / "vols", tmp / "equal", args, hbmon_first)
+                base_eq.append(b)
+                mine_eq.append(h)
+                first = "hbmon" if hbmon_first else "baseline"
+                info(
+                    f"run {run + 1} equal load ({args.equal} volumes, {first} first): hbmon "
+                    f"CPU {fmt(h.cpu, ' %', 2)}, {fmt(h.reads_per_s, ' reads/s', 0)}; "
+                    f"baseline CPU {fmt(b.cpu, ' %', 2)}, {fmt(b.reads_per_s, ' reads/s', 0)}"
+                )
+        print_results(args, n, base, mine, soak, base_eq, mine_eq)
     finally:
         if writer is not None:
             stop(writer)
@@ -535,6 +646,8 @@ def print_results(
     base: list[Result],
     mine: list[Result],
     soak: dict[str, object],
+    base_eq: list[Result],
+    mine_eq: list[Result],
 ) -> None:
     print(f"results (median of {len(mine)} run(s), {n} volumes):")
     hc, bc = med(mine, "cpu"), med(base, "cpu")
@@ -552,7 +665,10 @@ def print_results(
         f"reads/s achieved: hbmon {fmt(hn, '', 0)}, baseline {fmt(bn, '', 0)}; "
         f"raw CPU ratio {ratio_text(div(bc, hc))}; at {n} reads/s the baseline would need "
         f"{fmt(None if per_read is None or hc is None else per_read * hc, '%', 0)} of a core"
+        + ("; at equal load see the next target 1 line" if mine_eq else "")
     )
+    if mine_eq:
+        print_equal(args, base_eq, mine_eq)
     hl, bl = med(mine, "lag_p99"), med(base, "lag_p99")
     soak_lag = soak.get("lag_p99") if soak else None
     if all(r.extra.get("lag_source") for r in mine):
@@ -584,7 +700,28 @@ def print_results(
         f"a thread rendering its registry once a second (task wake-ups in the window: "
         f"{fmt(med_extra(base, 'wakeups'), '', 0)}; renders finished: "
         f"{fmt(med_extra(base, 'renders'), '', 0)}, median "
-        f"{fmt(med_extra(base, 'render'), ' s', 2)})"
+        f"{fmt(med_extra(base, 'render'), ' s', 2)}): one sample per read, not per "
+        "scheduler pass as hbmon's, so not the same quantity (the next target 4 line is)"
+    )
+    bp = med_extra(base, "pass_p99")
+    report(
+        4,
+        "poll lag p99 while /metrics is scraped every second, the same quantity on both sides "
+        "(per scheduler pass: lateness of its most overdue read)",
+        fmt(_ms(hl), " ms"),
+        fmt(_ms(bp), " ms"),
+        ratio_text(div(bp, hl)),
+        "hbmon <= 50 ms",
+    )
+    info(
+        "both: one sample per pass of the poll scheduler that starts reads, how late it got "
+        "to the most overdue read it started, against that read's due time (at least 0); "
+        "hbmon: each poll tick, tick start - due time of its earliest-due group "
+        "(hbmon_poll_tick_lag_seconds, the value of the line before, interpolated within its "
+        "bucket); baseline: each event-loop iteration in which tasks woke for their reads, "
+        "the largest wake-up - due time among them (exact, nearest rank; "
+        f"{fmt(med_extra(base, 'passes'), '', 0)} passes in the window, max "
+        f"{fmt(_ms(med_extra(base, 'pass_max')), ' ms')})"
     )
     hr, br = med(mine, "rss"), med(base, "rss")
     report(
@@ -636,6 +773,37 @@ def print_results(
         f"asking /status.json 'polled' every {STATUS_EVERY} s instead: {fmt(ha, ' s', 2)} "
         f"(log line in that process {fmt(hal, ' s', 2)}; each ask costs hbmon loop time); "
         "baseline: its first-read-all line"
+    )
+
+
+def print_equal(args: argparse.Namespace, base: list[Result], mine: list[Result]) -> None:
+    """The target 1 line at equal load (both sides at ``args.equal`` volumes/s)."""
+    hc, bc = med(mine, "cpu"), med(base, "cpu")
+    hn, bn = med(mine, "reads_per_s"), med(base, "reads_per_s")
+    report(
+        1,
+        f"CPU % of one core at {args.equal} volumes/s, the same load on both sides "
+        "(ratio: raw CPU)",
+        fmt(hc, "%", 2),
+        fmt(bc, "%"),
+        ratio_text(div(bc, hc)),
+        "ratio >= 10x",
+    )
+    sustained = bn is not None and bn >= 0.97 * args.equal
+    hus, bus = div(hc, hn), div(bc, bn)  # % of a core per read/s = 10 ms per read
+    info(
+        f"equal load: reads/s achieved hbmon {fmt(hn, '', 0)}, baseline {fmt(bn, '', 0)} "
+        + ("(sustained)" if sustained else "(NOT sustained: the ratio scales a baseline behind)")
+        + f"; CPU per read hbmon {fmt(None if hus is None else 1e4 * hus, ' us')}, baseline "
+        f"{fmt(None if bus is None else 1e4 * bus, ' us')} (ratio {ratio_text(div(bus, hus))}); "
+        f"hbmon user {fmt(med_extra(mine, 'user'), '%', 2)} + system "
+        f"{fmt(med_extra(mine, 'system'), '%', 2)}, baseline user "
+        f"{fmt(med_extra(base, 'user'), '%')} + system {fmt(med_extra(base, 'system'), '%')}; "
+        f"CPU from the process CPU-time clock (ns), over {args.equal_window:g} s after a "
+        f"{args.equal_warmup:g} s warm-up; per run hbmon "
+        + ", ".join(fmt(r.cpu, "%", 2) for r in mine)
+        + ", baseline "
+        + ", ".join(fmt(r.cpu, "%") for r in base)
     )
 
 
