@@ -153,10 +153,13 @@ class Site:
     async def reload(self, config: SiteConfig) -> None:
         """Apply a new configuration: pairs added and removed, the others keep their state.
 
-        The network key, the webhook token, the TLS files and the HTTP and UDP listen
-        addresses are taken at start only.
+        ``[webhook] hold_down`` and ``failover_timeout`` apply from the next alert on (a
+        command already running keeps the timeout it started with).  The network key, the
+        webhook token, the TLS files and the HTTP and UDP listen addresses are taken at
+        start only.
         """
         self.table.changes.burst = config.log_changes
+        self._reload_guard(config)
         self.poller.configure(config)
         await self.poller.rescan(refresh=True)
         if self._tg is not None:
@@ -175,6 +178,21 @@ class Site:
         )
         if gone:
             await self.beater.stop_targets(gone)
+
+    def _reload_guard(self, config: SiteConfig) -> None:
+        guard = self.guard
+        changed = [
+            f"{name} {old:g} s -> {new:g} s"
+            for name, old, new in (
+                ("hold_down", guard.hold_down, config.failover_hold_down),
+                ("failover_timeout", guard.timeout, config.failover_timeout),
+            )
+            if old != new
+        ]
+        guard.hold_down = config.failover_hold_down
+        guard.timeout = config.failover_timeout
+        if changed:
+            log.info("failover settings reloaded: %s", ", ".join(changed))
 
     async def stop(self) -> None:
         """Announce a planned stop on every PVOL (the caller cancels afterwards)."""

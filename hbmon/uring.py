@@ -28,7 +28,6 @@ import mmap
 import os
 import platform
 import struct
-from dataclasses import dataclass
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
@@ -55,12 +54,6 @@ assert _CQE.size == 16
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
-
-
-@dataclass
-class Completion:
-    user_data: int
-    result: int  # bytes read, or -errno
 
 
 def available() -> bool:

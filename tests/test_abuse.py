@@ -40,7 +40,9 @@ TOKEN = "abuse-test-token-0123456789abcdef"
 MARKER_SCRIPT = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')"
 
 
-def site_config(tmp_path: Path) -> str:
+def site_config(tmp_path: Path, *, beating: bool = True) -> str:
+    """db1 watched on its volume; beaten by this site too unless ``beating`` is false (then
+    the volume keeps one record and db1 goes host_down once the start-up grace is over)."""
     token = tmp_path / "webhook.token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
@@ -48,6 +50,7 @@ def site_config(tmp_path: Path) -> str:
     vol.write_bytes(record_block("db1", 0x77, 1, 0.2))
     marker = tmp_path / "ran.txt"
     command = [sys.executable, "-c", MARKER_SCRIPT, str(marker), "db1"]
+    beat = f'[[beat]]\nid = "db1"\nvolume = "{vol}"\n' if beating else ""
     return f"""
 site = "abuse"
 state_dir = "{tmp_path / "state"}"
@@ -57,10 +60,7 @@ interval = "200ms"
 [webhook]
 token_file = "{token}"
 
-[[beat]]
-id = "db1"
-volume = "{vol}"
-
+{beat}
 [[watch]]
 id = "db1"
 volume = "{vol}"
@@ -73,6 +73,20 @@ failover_single_path = true
 def site(tmp_path: Path) -> Iterator[Site]:
     with running_site(site_config(tmp_path), tmp_path) as running:
         wait_for(lambda: running.row("db1")["state"] == "alive", 10, "db1 alive")
+        yield running
+
+
+@pytest.fixture
+def dead_site(tmp_path: Path) -> Iterator[Site]:
+    """A site on which an alert for db1 would run the failover command (it writes
+    ``ran.txt``): what a request must not reach unless it is authenticated and whole."""
+    with running_site(site_config(tmp_path, beating=False), tmp_path) as running:
+
+        def would_fail_over() -> bool:
+            code, text = running.get("/api/v1/failover/db1")
+            return code == 200 and json.loads(text)["action"] == "failover"
+
+        wait_for(would_fail_over, 10, "db1 host_down (a failover alert would act)")
         yield running
 
 
@@ -121,7 +135,20 @@ def notification(*alerts: dict[str, Any]) -> bytes:
 GOOD = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
 
-def test_webhook_rejects_missing_wrong_and_odd_credentials(site: Site, tmp_path: Path) -> None:
+def assert_an_alert_fails_db1_over(site: Site, tmp_path: Path) -> None:
+    """The check that the refusals before it could fail: a whole, authenticated alert does
+    run the command on this site."""
+    status, text = request(site, notification(alert("db1")), GOOD)
+    assert status == 200, text
+    assert json.loads(text)["decisions"][0]["action"] == "failover", text
+    marker = tmp_path / "ran.txt"
+    wait_for(lambda: marker.exists() and marker.read_text() == "db1\n", 10, "the command ran")
+
+
+def test_webhook_rejects_missing_wrong_and_odd_credentials(
+    dead_site: Site, tmp_path: Path
+) -> None:
+    site = dead_site
     body = notification(alert("db1"))
     cases: list[tuple[str, dict[str, str | bytes], int]] = [
         ("no header", {}, 401),
@@ -144,21 +171,40 @@ def test_webhook_rejects_missing_wrong_and_odd_credentials(site: Site, tmp_path:
     assert not (tmp_path / "state" / "failover.jsonl").exists()
     counted = [v for n, _, v in parse_metrics(site.metrics()) if n == "hbmon_failover_total"]
     assert sum(counted) == 0
+    assert_an_alert_fails_db1_over(site, tmp_path)
 
 
-def test_webhook_rejects_oversized_and_malformed_bodies(site: Site, tmp_path: Path) -> None:
-    big = b'{"version": "4", "alerts": [' + b" " * (2 << 20) + b"]}"
+def test_webhook_rejects_oversized_and_malformed_bodies(dead_site: Site, tmp_path: Path) -> None:
+    site = dead_site
+    down = json.dumps(alert("db1")).encode()  # each body below carries it where it can
+    big = b'{"version": "4", "alerts": [' + down + b" " * (2 << 20) + b"]}"
     cases: list[tuple[str, bytes, int, str]] = [
         ("not JSON", b"not json", 400, "not JSON"),
         ("empty", b"", 400, "not JSON"),
-        ("an array", b"[]", 400, "JSON object"),
-        ("version 3", json.dumps({"version": "3", "alerts": []}).encode(), 400, "speaks"),
-        ("alerts not a list", json.dumps({"version": "4", "alerts": {}}).encode(), 400, ""),
+        ("an array", b"[" + down + b"]", 400, "JSON object"),
+        (
+            "version 3",
+            json.dumps({"version": "3", "alerts": [alert("db1")]}).encode(),
+            400,
+            "speaks",
+        ),
+        (
+            "alerts not a list",
+            json.dumps({"version": "4", "alerts": {"0": alert("db1")}}).encode(),
+            400,
+            "must be a list",
+        ),
         (
             "labels missing",
-            json.dumps({"version": "4", "alerts": [{"status": "firing"}]}).encode(),
+            json.dumps({"version": "4", "alerts": [alert("db1"), {"status": "firing"}]}).encode(),
             400,
             "labels",
+        ),
+        (
+            "status odd",
+            json.dumps({"version": "4", "alerts": [alert("db1"), alert("db1", "odd")]}).encode(),
+            400,
+            "not firing or resolved",
         ),
         ("deeply nested", b"[" * 100_000 + b"]" * 100_000, 400, ""),
         ("invalid UTF-8", b'{"version": "4", "alerts": ["\xff"]}', 400, ""),
@@ -170,7 +216,7 @@ def test_webhook_rejects_oversized_and_malformed_bodies(site: Site, tmp_path: Pa
         assert words in text, f"{what}: {text[:300]}"
 
     def endless() -> Iterator[bytes]:  # chunked: no Content-Length to refuse up front
-        yield b'{"version": "4", "alerts": ['
+        yield b'{"version": "4", "alerts": [' + down
         for _ in range(64):
             yield b" " * 65536
 
@@ -179,6 +225,8 @@ def test_webhook_rejects_oversized_and_malformed_bodies(site: Site, tmp_path: Pa
     assert site.running()
     assert site.healthz() == 200
     assert not (tmp_path / "ran.txt").exists()
+    assert not (tmp_path / "state" / "failover.jsonl").exists()  # nothing reached the guard
+    assert_an_alert_fails_db1_over(site, tmp_path)
 
 
 def test_alerts_for_unknown_or_alive_pairs_run_nothing(site: Site, tmp_path: Path) -> None:
@@ -265,13 +313,16 @@ async def test_failover_command_gets_a_clean_environment_and_no_shell(
 async def test_a_timed_out_command_loses_its_whole_process_group(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     script = f"sleep 60 & echo $! > {pids}; exec sleep 60"
+    limit = 1.0
     started = time.monotonic()
-    await run_failover(tmp_path, ("sh", "-c", script), limit=1.0)
+    await run_failover(tmp_path, ("sh", "-c", script), limit=limit)
     took = time.monotonic() - started
     last = Journal(tmp_path / "failover.jsonl").entries()[-1]
     assert last["event"] == "timed_out", last
     assert "process group was killed" in last["detail"]
-    assert took < 10, f"the timeout of 1 s took {took:.1f} s"
+    # measured: 1.01 s; the command is killed at its timeout, not before and not much later
+    # (a kill that waited for the backgrounded child's 60 s, or a grace period, would not be)
+    assert limit <= took < limit + 0.5, f"the timeout of {limit:g} s took {took:.2f} s"
     child = int(pids.read_text())
 
     def gone() -> bool:

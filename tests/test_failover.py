@@ -181,31 +181,53 @@ async def with_client(guard: FailoverGuard, body: Any) -> Any:
 async def test_webhook_authentication_and_validation(
     clock: FakeClock, tmp_path: Path, marker: Path
 ) -> None:
-    guard = guard_for(make_table(clock, marker, db1="both"), tmp_path)
+    table = make_table(clock, marker, db1="both")
+    clock.advance(5)  # db1 host_down: a request that reached the guard would fail it over
+    guard = guard_for(table, tmp_path)
     good = {"Authorization": "Bearer " + TOKEN.decode()}
+    db1_down = {"status": "firing", "labels": {"alertname": "HbmonHostDown", "pair": "db1"}}
+    odd = {"status": "odd", "labels": {}}
+    valid = json.dumps(notification(("HbmonHostDown", "db1", "firing")))
+    padded = b'{"version": "4", "alerts": [%s%s]}' % (
+        json.dumps(db1_down).encode(),
+        b" " * (1 << 20),
+    )
 
     async def calls(client: TestClient[Any, Any]) -> list[tuple[int, str]]:
         out = []
         for headers, data in [
-            ({}, "{}"),
-            ({"Authorization": "Bearer wrong"}, "{}"),
-            ({"Authorization": "Basic " + TOKEN.decode()}, "{}"),
+            ({}, valid),
+            ({"Authorization": "Bearer wrong"}, valid),
+            ({"Authorization": "Basic " + TOKEN.decode()}, valid),
             (good, "not json"),
-            (good, json.dumps({"version": "3", "alerts": []})),
-            (good, json.dumps({"version": "4", "alerts": [{"status": "odd", "labels": {}}]})),
-            (good, io.BytesIO(b"x" * ((1 << 20) + 10))),
+            (good, json.dumps({"version": "3", "alerts": [db1_down]})),
+            (good, json.dumps({"version": "4", "alerts": [db1_down, {"status": "firing"}]})),
+            (good, json.dumps({"version": "4", "alerts": [db1_down, odd]})),
+            (good, io.BytesIO(padded)),
         ]:
             resp = await client.post("/api/v1/alerts", data=data, headers=headers)
             out.append((resp.status, await resp.text()))
         return out
 
     results = await with_client(guard, calls)
-    assert [status for status, _ in results] == [401, 403, 403, 400, 400, 400, 413]
+    assert [status for status, _ in results] == [401, 403, 403, 400, 400, 400, 400, 413]
     assert "bearer token required" in results[0][1]
     assert "not JSON" in results[3][1]
     assert "speaks" in results[4][1]
-    assert "not firing or resolved" in results[5][1]
+    assert "must be an object with a 'labels' object" in results[5][1]
+    assert "not firing or resolved" in results[6][1]
     assert not marker.exists()
+    assert journal(tmp_path) == []  # nothing reached the guard
+
+    async def accepted(client: TestClient[Any, Any]) -> Any:
+        resp = await client.post("/api/v1/alerts", data=valid, headers=good)
+        assert resp.status == 200
+        return await resp.json()
+
+    # the same notification, authenticated and whole, does fail db1 over
+    answer = await with_client(guard, accepted)
+    assert answer["decisions"][0]["action"] == "failover", answer
+    assert marker.read_text() == "db1\n"
 
 
 async def test_webhook_acts_only_on_firing_host_down(

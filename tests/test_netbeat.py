@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
 import os
+import socket
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,3 +201,42 @@ def test_a_partition_is_seen_when_the_volume_runs_ahead(
         vol.observe_record(rec(clock, serial), clock.monotonic(), clock.wall())
         clock.advance(0.5)
     assert table.pairs["db1"].judge(clock.monotonic()) == "network_partition"
+
+
+def test_drain_computes_each_datagrams_mac_once(
+    listener: NetListener, table: StatusTable, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the receive path an accepted datagram costs one HMAC, and what the MAC check
+    let through is still checked for its kind and record (rejected as malformed)."""
+    computed: list[int] = []
+    digest, new = hmac.digest, hmac.new
+
+    def counting_digest(*args: Any, **kw: Any) -> bytes:
+        computed.append(1)
+        return digest(*args, **kw)
+
+    def counting_new(*args: Any, **kw: Any) -> hmac.HMAC:
+        computed.append(1)
+        return new(*args, **kw)
+
+    sent = [encode_datagram(KEY, BEAT, rec(clock, serial)) for serial in (1, 2, 3)]
+    odd_kind = encode_datagram(KEY, 99, rec(clock, 4))
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx, tx:
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        tx.connect(rx.getsockname())
+        for data in [*sent, odd_kind]:
+            tx.send(data)
+        monkeypatch.setattr(hmac, "digest", counting_digest)
+        monkeypatch.setattr(hmac, "new", counting_new)
+        taken = 0
+        deadline = time.monotonic() + 5
+        while taken < 4 and time.monotonic() < deadline:
+            taken += listener.drain(rx)
+        monkeypatch.undo()
+    assert taken == 4
+    assert len(computed) == 4  # one per datagram
+    assert table.row("db1", "network").serial == 3  # type: ignore[union-attr]
+    assert listener.statistics().rejected == {"malformed": 1}

@@ -66,10 +66,13 @@ CLEAN_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8"}
 def nobody() -> pwd.struct_passwd:
     require_root("dropping privileges")
     need(shutil.which("setpriv") is not None, "setpriv (util-linux) missing")
-    try:
-        user = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("no user nobody")
+    names = {entry.pw_name for entry in pwd.getpwall()}
+    need("nobody" in names, "no user nobody (setpriv --reuid=nobody needs it)")
+    need(
+        "nogroup" in {entry.gr_name for entry in grp.getgrall()},
+        "no group nogroup (setpriv --regid=nogroup needs it)",
+    )
+    user = pwd.getpwnam("nobody")
     probe = subprocess.run(
         [*SETPRIV, sys.executable, "-c", "import hbmon.cli"],
         capture_output=True,
@@ -290,9 +293,34 @@ def test_runs_unprivileged_with_only_its_volume_journal_and_port(
     assert '"stopping"' in shown.stdout, shown.stdout + shown.stderr
 
 
-def run_nobody(config: Path, work: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+# A fresh network namespace (entered as root, before privileges are dropped) with its
+# loopback up and ports below 1024 privileged, whatever the host's own setting is.
+PRIVILEGED_BELOW = 1024
+IN_FRESH_NETNS = [
+    "unshare",
+    "--net",
+    "--",
+    "sh",
+    "-ec",
+    "ip link set lo up\n"
+    f"echo {PRIVILEGED_BELOW} > /proc/sys/net/ipv4/ip_unprivileged_port_start\n"
+    'exec "$@"',
+    "sh",
+]
+
+
+def run_nobody(
+    config: Path, work: Path, *extra: str, fresh_netns: bool = False
+) -> subprocess.CompletedProcess[str]:
+    command = as_nobody("run", "-c", str(config), *extra)
+    if fresh_netns:
+        need(
+            shutil.which("unshare") is not None and shutil.which("ip") is not None,
+            "a fresh network namespace needs unshare (util-linux) and ip (iproute2)",
+        )
+        command = [*IN_FRESH_NETNS, *command]
     return subprocess.run(
-        as_nobody("run", "-c", str(config), *extra),
+        command,
         capture_output=True,
         text=True,
         timeout=30,
@@ -343,13 +371,12 @@ def test_what_it_was_not_given_stops_it_at_start(
         f"hbmon: error: {root_token}: webhook.token_file: cannot read key file: Permission denied"
     ) in result.stderr
 
-    # a port it was not given (privileged: below 1024)
-    low = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
-    if low == 0:
-        return  # every port is unprivileged on this machine
+    # a port it was not given (privileged: below 1024, in a network namespace of its own
+    # where that holds even on a host that set ip_unprivileged_port_start to 0)
     config = write_config(workdir, mine, other, state, token)
-    result = run_nobody(config, workdir, "--listen", f"127.0.0.1:{low - 1}")
+    port = PRIVILEGED_BELOW - 1
+    result = run_nobody(config, workdir, "--listen", f"127.0.0.1:{port}", fresh_netns=True)
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("hbmon: error: cannot start site 'unprivileged': [Errno 13] "), last
-    assert f"('127.0.0.1', {low - 1}): permission denied" in last, last
+    assert f"('127.0.0.1', {port}): permission denied" in last, last

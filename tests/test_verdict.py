@@ -52,11 +52,26 @@ def test_one_path(path: str, state: str, expected: str) -> None:
 
 
 def test_a_partition_is_never_host_down() -> None:
-    states = ["awaiting", "alive", "late", "stale", "invalid", "io_error", "io_hung"]
-    for v in states:
-        if v in ("alive", "late"):
-            assert verdict({"volume": v, "network": "stale"}) != "host_down"
-            assert verdict({"volume": "stale", "network": v}) != "host_down"
+    """One path stale, the other in each of seven states: host_down only when both are
+    stale; a fresh other path is a partition (or a broken link), anything else unknown."""
+    # other path's state: (verdict with the network stale, verdict with the volume stale)
+    expected = {
+        "awaiting": ("unknown", "unknown"),
+        "alive": ("network_partition", "link_down"),
+        "late": ("network_partition", "link_down"),
+        "stale": ("host_down", "host_down"),
+        "invalid": ("unknown", "unknown"),
+        "io_error": ("unknown", "unknown"),
+        "io_hung": ("unknown", "unknown"),
+    }
+    seen = {
+        v: (
+            verdict({"volume": v, "network": "stale"}),
+            verdict({"volume": "stale", "network": v}),
+        )
+        for v in expected
+    }
+    assert seen == expected
 
 
 def test_one_path_host_down_says_what_it_cannot_tell() -> None:
