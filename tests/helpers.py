@@ -380,3 +380,25 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     if len(found) > 1:
         raise AssertionError(f"{name}{labels} matches {len(found)} samples")
     return found[0] if found else None
+
+
+def post_host_down(site: Site, token: str, pair: str = "db1") -> dict[str, Any]:
+    """POST one firing HbmonHostDown alert for ``pair`` to the webhook; the guard's decision."""
+    body = json.dumps(
+        {
+            "version": "4",
+            "status": "firing",
+            "alerts": [
+                {"status": "firing", "labels": {"alertname": "HbmonHostDown", "pair": pair}}
+            ],
+        }
+    ).encode()
+    request = urllib.request.Request(
+        site.url + "/api/v1/alerts",
+        data=body,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        decisions: list[dict[str, Any]] = json.loads(resp.read())["decisions"]
+    assert len(decisions) == 1, decisions
+    return decisions[0]

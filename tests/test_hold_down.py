@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from conftest import need
-from helpers import Feeder, Site, running_site, wait_for
+from helpers import Feeder, Site, post_host_down, running_site, wait_for
 
 from hbmon.clock import BootStamp, FakeClock, boot_stamp
 from hbmon.config import Timing
@@ -250,24 +249,7 @@ failover_single_path = true
 
 
 def post_alert(site: Site) -> dict[str, Any]:
-    body = json.dumps(
-        {
-            "version": "4",
-            "status": "firing",
-            "alerts": [
-                {"status": "firing", "labels": {"alertname": "HbmonHostDown", "pair": "db1"}}
-            ],
-        }
-    ).encode()
-    req = urllib.request.Request(
-        site.url + "/api/v1/alerts",
-        data=body,
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        decisions: list[dict[str, Any]] = json.loads(resp.read())["decisions"]
-    assert len(decisions) == 1
-    return decisions[0]
+    return post_host_down(site, TOKEN)
 
 
 @pytest.mark.slow

@@ -12,11 +12,10 @@ import json
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from helpers import Site, record_block, running_site, wait_for
+from helpers import Site, post_host_down, record_block, running_site, wait_for
 
 from hbmon.failover import Journal
 
@@ -54,22 +53,7 @@ failover_single_path = true
 
 
 def alert(site: Site) -> dict[str, Any]:
-    body = json.dumps(
-        {
-            "version": "4",
-            "alerts": [
-                {"status": "firing", "labels": {"alertname": "HbmonHostDown", "pair": "db1"}}
-            ],
-        }
-    ).encode()
-    request = urllib.request.Request(
-        site.url + "/api/v1/alerts",
-        data=body,
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as resp:
-        decision: dict[str, Any] = json.loads(resp.read())["decisions"][0]
-    return decision
+    return post_host_down(site, TOKEN)
 
 
 def test_sighup_applies_hold_down_and_failover_timeout(tmp_path: Path) -> None:
