@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -142,17 +143,31 @@ class FakeClock:
         self._woken.clear()
         await anyio.lowlevel.checkpoint()  # (and the tasks they started, one step)
 
-    async def run_for(self, seconds: float) -> None:
+    async def run_for(
+        self, seconds: float, busy: Callable[[], bool] | None = None, io_timeout: float = 5.0
+    ) -> None:
         """Let ``seconds`` of virtual time pass as they would: time moves to each
         sleeper's deadline in turn (trio's autojump, up to ``seconds``) and the tasks
-        woken there run before it moves on."""
+        woken there run before it moves on.
+
+        ``busy`` says whether real I/O is still out (reads or writes on worker threads,
+        which virtual time does not wait for): before each step it is waited for, in real
+        time, as if the disk took no time at all; TimeoutError after ``io_timeout`` s.
+        """
         if seconds < 0:
             raise ValueError(f"a monotonic clock cannot go back ({seconds} s)")
         end = self.mono + seconds
-        await self.settle()
-        while (first := self.next_deadline()) is not None and first <= end:
-            self._advance_to(first)
+        while True:
             await self.settle()
+            if busy is not None and busy():
+                with anyio.fail_after(io_timeout):
+                    while busy():  # (threads' state: no event to wait on)  # noqa: ASYNC110
+                        await anyio.sleep(0.001)
+                await self.settle()
+            first = self.next_deadline()
+            if first is None or first > end:
+                break
+            self._advance_to(first)
         self._advance_to(end)
         await self.settle()
 
