@@ -212,12 +212,12 @@ class Beater:
                     heapq.heappush(heap, entry)
                 if batch:
                     tg.start_soon(self.pool.run, by_volume(batch))
-                wait = heap[0][0] - self.clock.monotonic() if heap else 1.0
+                now = self.clock.monotonic()
+                until = heap[0][0] if heap else now + 1.0
                 if self.pool.detached:
-                    wait = min(wait, 0.05)
+                    until = min(until, now + 0.05)
                 self._wake = anyio.Event()
-                with anyio.move_on_after(max(wait, 0.0)):
-                    await self._wake.wait()
+                await self.clock.sleep_until(until, self._wake)
 
     def _next_record(self, target: BeatTarget, state: State) -> Record:
         stats = target.stats

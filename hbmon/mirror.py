@@ -144,8 +144,7 @@ class RemoteCopy:
                         copy_slots, list(due.values()), self._files, limiter=self._limiter
                     )
                 self._wake = anyio.Event()
-                wait = queue[0][0] - self.clock.monotonic() if queue else 1.0
-                with anyio.move_on_after(max(wait, 0.0)):
-                    await self._wake.wait()
+                until = queue[0][0] if queue else self.clock.monotonic() + 1.0
+                await self.clock.sleep_until(until, self._wake)
         finally:
             self._files.close()

@@ -389,9 +389,10 @@ class Poller:
             if not self._unseen:
                 self.all_read.set()  # nothing to read
             task_status.started()
+            clock = self.clock
             while True:
                 self._tick(tg)
-                await anyio.sleep(self._sleep_time())
+                await clock.sleep_until(self._wake_at())
 
     def _tick(self, tg: anyio.abc.TaskGroup) -> None:
         self.pool.harvest()
@@ -569,16 +570,21 @@ class Poller:
         row.observe_latency(duration)
         target.hung = False
 
-    def _sleep_time(self) -> float:
+    def _wake_at(self) -> float:
+        """When the loop ticks next (a reading of the clock it sleeps on)."""
+        now = self.clock.monotonic()
         first = self._wheel.first()
-        wait = 1.0 if first is None else first - self.clock.monotonic()
+        wait = 1.0 if first is None else first - now
         if self.pool.detached:
             wait = min(wait, 0.05)  # harvest late results promptly
-        return min(max(wait, 0.0), 1.0)
+        return now + min(max(wait, 0.0), 1.0)
 
     async def _rescan_loop(self) -> None:
+        clock = self.clock
         while True:
-            await anyio.sleep(min((g.rescan for g in self.globs), default=10.0))
+            await clock.sleep_until(
+                clock.monotonic() + min((g.rescan for g in self.globs), default=10.0)
+            )
             if self.globs:
                 await self.rescan()
 

@@ -383,8 +383,7 @@ class StatusTable:
             until = now + 1.0 if first is None else first + grain
             self._sleep_key = self._timers.key(first) if first is not None else (1 << 62)
             self._wake = anyio.Event()
-            with anyio.move_on_after(max(0.0, min(until - now, 1.0))):
-                await self._wake.wait()
+            await self.clock.sleep_until(min(until, now + 1.0), self._wake)
             self._sleep_key = -(1 << 62)
 
     def row(self, pair_id: str, path: str) -> PathRow | None:

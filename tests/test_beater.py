@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anyio
 import pytest
 
 from hbmon.beater import Beater
-from hbmon.clock import SystemClock
+from hbmon.clock import FakeClock
 from hbmon.config import BeatConfig
 from hbmon.record import SLOT_SIZE, Record, State, decode
 from hbmon.status import StatusTable
@@ -18,13 +19,21 @@ def slot_record(path: Path, slot: int, pair: str) -> Record:
     return decode(path.read_bytes()[slot * SLOT_SIZE :], pair)
 
 
+async def pass_time(beater: Beater, seconds: float) -> None:
+    """Let ``seconds`` of virtual time pass on the beater's FakeClock, beat by beat; the
+    writes (real I/O on worker threads) are waited for before time moves on."""
+    clock = beater.clock
+    assert isinstance(clock, FakeClock)
+    await clock.run_for(seconds, busy=lambda: any(t.inflight for t in beater.targets.values()))
+
+
 async def beat_for(beats: tuple[BeatConfig, ...], seconds: float) -> tuple[StatusTable, Beater]:
-    clock = SystemClock()
+    clock = FakeClock()
     table = StatusTable(clock)
     beater = Beater(table, clock, beats)
     async with anyio.create_task_group() as tg:
         await tg.start(beater.run)
-        await anyio.sleep(seconds)
+        await pass_time(beater, seconds)
         await beater.stop()
         tg.cancel_scope.cancel()
     beater.close()
@@ -35,7 +44,7 @@ async def test_creates_a_missing_file_and_beats_into_its_slot(tmp_path: Path) ->
     vol = tmp_path / "pvol.img"
     table, _ = await beat_for((BeatConfig("db1", vol, slot=2, interval=0.05),), 0.3)
     stats = table.writers["db1"]
-    assert stats.written >= 4
+    assert stats.written == 6 + 1  # a beat every 0.05 s of 0.3 s, then the stopping record
     assert not stats.errors
     rec = slot_record(vol, 2, "db1")
     assert rec.state is State.STOPPING
@@ -70,27 +79,59 @@ async def test_never_overwrites_a_slot_it_does_not_own(
     table, _ = await beat_for((BeatConfig("db1", vol, interval=0.05),), 0.25)
     stats = table.writers["db1"]
     assert stats.written == 0
-    assert stats.errors["slot_taken"] >= 3  # reported at every interval, never fatal
+    assert stats.errors["slot_taken"] == 5 + 1  # at every beat of 0.25 s and the stop
     assert holder in stats.last_error
     assert vol.read_bytes() == content
 
 
 async def test_write_errors_are_counted_and_retried(tmp_path: Path) -> None:
     vol = tmp_path / "later" / "pvol.img"  # the directory does not exist yet
-    clock = SystemClock()
+    clock = FakeClock()
     table = StatusTable(clock)
     beater = Beater(table, clock, (BeatConfig("db1", vol, interval=0.05),))
     async with anyio.create_task_group() as tg:
         await tg.start(beater.run)
-        await anyio.sleep(0.2)
+        await pass_time(beater, 0.2)
         stats = table.writers["db1"]
         assert stats.written == 0
-        assert stats.errors["missing"] >= 2
+        assert stats.errors["missing"] == 4  # every beat of 0.2 s tried, none fatal
         vol.parent.mkdir()
-        with anyio.fail_after(2):
-            while stats.written < 2:
-                await anyio.sleep(0.02)
+        await pass_time(beater, 0.1)
+        assert stats.written == 2  # the very next beats are written
+        assert stats.errors["missing"] == 4
         tg.cancel_scope.cancel()
     beater.close()
     assert stats.last_error == ""
     assert slot_record(vol, 0, "db1").serial == stats.serial
+
+
+async def test_beats_are_written_at_their_interval_in_virtual_time(tmp_path: Path) -> None:
+    """The beater sleeps on its clock: on a FakeClock each write lands exactly one
+    interval after the one before, on the beat's own phase; a writer paused for 3 virtual
+    seconds (a frozen host) writes nothing meanwhile and resumes on the same grid, with
+    the next serial.  20 virtual seconds take well under a real second."""
+    clock = FakeClock()
+    table = StatusTable(clock)
+    written: list[float] = []
+    beats = (BeatConfig("db1", tmp_path / "pvol.img", interval=0.5),)
+    beater = Beater(table, clock, beats, on_written=lambda pair: written.append(clock.mono))
+    start = clock.monotonic()
+    began = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        await tg.start(beater.run)
+        await pass_time(beater, 10.0)
+        beater.pause("db1")
+        await pass_time(beater, 3.0)
+        assert len(written) == 20  # nothing in the pause
+        beater.resume("db1")
+        await pass_time(beater, 7.0)
+        tg.cancel_scope.cancel()
+    beater.close()
+    assert time.monotonic() - began < 1.0
+    phase = written[0] - start
+    assert 0 <= phase < 0.5
+    due = [start + phase + 0.5 * k for k in range(40) if not 10.0 < phase + 0.5 * k < 13.0]
+    assert written == pytest.approx(due, abs=1e-9)
+    stats = table.writers["db1"]
+    assert (stats.written, stats.serial) == (len(due), len(due))
+    assert slot_record(tmp_path / "pvol.img", 0, "db1").serial == len(due)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 import anyio
@@ -11,7 +12,7 @@ import pytest
 from conftest import LoopdevFactory, need
 
 import hbmon.target
-from hbmon.clock import SystemClock
+from hbmon.clock import FakeClock
 from hbmon.config import Timing
 from hbmon.poller import Poller, open_file_budget
 from hbmon.record import Record
@@ -27,8 +28,16 @@ def write_record(path: Path, pair: str, serial: int) -> None:
         os.close(fd)
 
 
+async def pass_time(poller: Poller, seconds: float) -> None:
+    """Let ``seconds`` of virtual time pass on the poller's FakeClock, tick by tick; the
+    reads a tick hands to worker threads (real I/O) are waited for before time moves on."""
+    clock = poller.clock
+    assert isinstance(clock, FakeClock)
+    await clock.run_for(seconds, busy=lambda: any(t.inflight for t in poller.targets.values()))
+
+
 async def test_volumes_past_the_open_file_budget_are_polled(tmp_path: Path) -> None:
-    clock = SystemClock()
+    clock = FakeClock()
     table = StatusTable(clock)
     poller = Poller(table, clock, threads=2)
     poller.open_budget = 2
@@ -40,18 +49,17 @@ async def test_volumes_past_the_open_file_budget_are_polled(tmp_path: Path) -> N
     assert len(kept) == 2
     async with anyio.create_task_group() as tg:
         await tg.start(poller.run)
-        for serial in range(2, 12):  # beats for a second
+        for serial in range(2, 12):  # beats for a (virtual) second
             for path in paths:
                 write_record(path, path.stem, serial)
-            await anyio.sleep(0.1)
+            await pass_time(poller, 0.1)
         tg.cancel_scope.cancel()
     for target in poller.targets.values():
         row = table.row(target.pair, "volume")
         assert row is not None
-        assert row.serial is not None
-        # polled all along: it saw recent serials, and more than one change of them
-        assert row.serial >= 8, (target.pair, row.serial)
-        assert row.beats_seen >= 3, (target.pair, row.beats_seen)
+        # polled all along, kept open or not: it saw every serial (2 first, then 9 beats)
+        assert row.serial == 11, (target.pair, row.serial)
+        assert row.beats_seen == 9, (target.pair, row.beats_seen)
         assert (target.volume is not None) == target.keep_open  # the others are closed
 
 
@@ -66,8 +74,9 @@ def test_the_budget_follows_the_open_file_limit() -> None:
 
 
 def file_poller(tmp_path: Path, count: int) -> tuple[StatusTable, Poller, list[Path]]:
-    """A poller watching ``count`` file volumes (interval 0.1 s), each with a record."""
-    clock = SystemClock()
+    """A poller watching ``count`` file volumes (interval 0.1 s), each with a record, on a
+    FakeClock."""
+    clock = FakeClock()
     table = StatusTable(clock)
     poller = Poller(table, clock, threads=2)
     paths = [tmp_path / f"v{i}.vol" for i in range(count)]
@@ -83,8 +92,46 @@ async def run_poller(poller: Poller, paths: list[Path], beats: int = 10) -> None
         for serial in range(2, 2 + beats):
             for path in paths:
                 write_record(path, path.stem, serial)
-            await anyio.sleep(0.1)
+            await pass_time(poller, 0.1)
         tg.cancel_scope.cancel()
+
+
+async def test_ten_virtual_seconds_of_polling_take_no_real_time(tmp_path: Path) -> None:
+    """On a FakeClock the poller sleeps in virtual time: 20 volumes beating every 0.1 s
+    for 10 virtual seconds are read at every beat in well under a real second, and a
+    writer that stops halfway is stale on time (run_timers judging on the same clock; at
+    a 0.1 s interval the poll jitter makes late and stale fall together, at 0.3 s)."""
+    table, poller, paths = file_poller(tmp_path, 20)
+    clock = poller.clock
+    assert isinstance(clock, FakeClock)
+    quiet = table.row("v0", "volume")
+    assert quiet is not None
+    states: list[tuple[float, str]] = []
+    began = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        await tg.start(poller.run)
+        await tg.start(table.run_timers)
+        for serial in range(2, 102):  # beats at 1000.0, 1000.1 ... 1009.9
+            for path in paths if serial <= 51 else paths[1:]:
+                write_record(path, path.stem, serial)
+            await pass_time(poller, 0.1)
+            if not states or states[-1][1] != quiet.state:
+                states.append((clock.monotonic() - 1000.0, quiet.state))
+        tg.cancel_scope.cancel()
+    took = time.monotonic() - began
+    assert took < 1.0, took
+    assert clock.monotonic() == pytest.approx(1010.0)
+    for target in poller.targets.values():
+        row = table.row(target.pair, "volume")
+        assert row is not None
+        if row is quiet:
+            continue
+        assert (row.state, row.serial, row.beats_seen) == ("alive", 101, 99), row
+    assert quiet.serial == 51
+    assert quiet.last_change is not None
+    assert [state for _, state in states] == ["awaiting", "alive", "stale"], states
+    silent_for = states[-1][0] - (quiet.last_change - 1000.0)  # when it was seen stale
+    assert 0.3 <= silent_for <= 0.4 + 1e-9, (states, quiet.last_change)  # (seen each 0.1 s)
 
 
 async def test_cached_file_volumes_are_read_inline_and_judged_the_same(tmp_path: Path) -> None:
@@ -92,16 +139,15 @@ async def test_cached_file_volumes_are_read_inline_and_judged_the_same(tmp_path:
     thread); the rows they feed see the same beats as threaded reads would."""
     table, poller, paths = file_poller(tmp_path, 4)
     await run_poller(poller, paths)
-    assert poller.inline_reads >= 4 * 5  # after each first (threaded) read, inline
+    assert poller.inline_reads >= 4 * 9  # every read after each first (threaded) one
     for target in poller.targets.values():
         assert target.volume is not None
         assert target.volume.nowait
         row = table.row(target.pair, "volume")
         assert row is not None
         assert row.state == "alive", (row.pair, row.state, row.reason)
-        assert row.serial is not None
-        assert row.serial >= 8
-        assert row.beats_seen >= 5
+        assert row.serial == 11
+        assert row.beats_seen == 9  # serials 2 to 11, every one seen
 
 
 async def test_reads_the_kernel_would_wait_for_go_to_threads(
@@ -122,7 +168,7 @@ async def test_reads_the_kernel_would_wait_for_go_to_threads(
         row = table.row(target.pair, "volume")
         assert row is not None
         assert row.state == "alive"
-        assert row.beats_seen >= 5
+        assert (row.serial, row.beats_seen) == (11, 9)
 
 
 async def test_a_file_system_refusing_nowait_reads_goes_to_threads_for_good(
@@ -141,7 +187,7 @@ async def test_a_file_system_refusing_nowait_reads_goes_to_threads_for_good(
     table, poller, paths = file_poller(tmp_path, 3)
     await run_poller(poller, paths)
     assert poller.inline_reads == 0
-    assert 1 <= len(tried) <= 3  # once per volume, then never again
+    assert len(tried) == 3  # once per volume, then never again
     for target in poller.targets.values():
         assert target.volume is None or not target.volume.nowait
         row = table.row(target.pair, "volume")
@@ -152,7 +198,7 @@ async def test_a_file_system_refusing_nowait_reads_goes_to_threads_for_good(
 async def test_a_bad_record_read_inline_is_named_by_the_thread_path(tmp_path: Path) -> None:
     """A corrupt record is not judged on the loop: the thread reads it again and the row
     shows invalid / checksum_mismatch, as for any other read."""
-    clock = SystemClock()
+    clock = FakeClock()
     table = StatusTable(clock)
     poller = Poller(table, clock, threads=2)
     path = tmp_path / "v.vol"
@@ -162,11 +208,11 @@ async def test_a_bad_record_read_inline_is_named_by_the_thread_path(tmp_path: Pa
         await tg.start(poller.run)
         for serial in range(2, 6):
             write_record(path, "v", serial)
-            await anyio.sleep(0.1)
+            await pass_time(poller, 0.1)
         with path.open("r+b") as f:
             f.seek(30)
             f.write(b"\xff\xff")  # inside the serial: the checksum no longer matches
-        await anyio.sleep(0.4)
+        await pass_time(poller, 0.4)
         tg.cancel_scope.cancel()
     row = table.row("v", "volume")
     assert row is not None
@@ -214,7 +260,7 @@ async def test_reopens_go_to_the_threads_together_once_a_second(
 ) -> None:
     """Every kept-open volume is read on a thread, opened afresh, once a reopen period;
     those reads go to the threads a second's worth at a time, not a few in every tick."""
-    clock = SystemClock()
+    clock = FakeClock()
     table = StatusTable(clock)
     poller = Poller(table, clock, threads=2)
     poller.reopen_after = 1.0  # (before watch(): the first reopens spread over 1-2 s)
@@ -240,14 +286,16 @@ async def test_reopens_go_to_the_threads_together_once_a_second(
     monkeypatch.setattr(hbmon.target, "forget", counting_forget)
     await run_poller(poller, paths, beats=30)  # 3 s, 30 reads of each volume
     assert len(reopened) == 30  # every volume opened afresh at least once
-    # The first reads (one or two ticks' worth), then one batch of reopens a second.
-    assert len(batches) <= 2 + 4, batches
+    # The first reads (the two ticks of the first period), then one batch of reopens a
+    # second (the first reopens spread over 1-2 s all fall in one second of the wheel).
+    assert sum(batches[:2]) == 30, batches
+    assert batches[2:] == [30, 30, 30], batches
     for target in poller.targets.values():
         assert target.volume is not None
         row = table.row(target.pair, "volume")
         assert row is not None
         assert row.state == "alive"
-        assert row.beats_seen >= 20
+        assert row.beats_seen == 29  # serials 2 to 31
 
 
 def test_a_glob_is_not_expanded_again_while_its_folder_is_unchanged(tmp_path: Path) -> None:

@@ -10,13 +10,25 @@ The poller evaluates its rows once per poll period; :meth:`Feed.wait` does the s
 from __future__ import annotations
 
 import json
+import time
 
+import anyio
 import pytest
 
 from hbmon.clock import FakeClock
 from hbmon.config import Timing
 from hbmon.record import Record, State
-from hbmon.status import FAILED, FRESH, PATHS, POLL_JITTER, SEVERITY, STATES, PathRow, StatusTable
+from hbmon.status import (
+    FAILED,
+    FRESH,
+    PATHS,
+    POLL_JITTER,
+    SEVERITY,
+    STATES,
+    TIMER_GRAIN,
+    PathRow,
+    StatusTable,
+)
 
 TIMING = Timing(interval=1, miss_threshold=3, recover_beats=2)
 INC_A = 0xA11CE
@@ -831,3 +843,71 @@ def test_table_timers_judge_each_row_at_its_moment_not_its_buckets() -> None:
     table.run_due(clock.monotonic())
     assert stopper.state == "stopped"
     assert stopper.timer == float("inf")
+
+
+async def test_run_timers_takes_a_silent_row_late_then_stale_in_virtual_time() -> None:
+    """run_timers sleeps on the table's clock: with nothing but the FakeClock moving (no
+    evaluate(), no real sleep) a silent row goes late, then stale, each within one timer
+    bucket of its moment, and the loop wakes only when a row can change (or once a
+    second), not at every bucket."""
+    clock = FakeClock()
+    table = StatusTable(clock, site="s")
+    table.add_pair("db1", "volume", TIMING, volume="/v/db1")
+    row = table.row("db1", "volume")
+    assert row is not None
+    row.observe_record(rec(1), clock.monotonic(), clock.wall())
+    clock.advance(1.0)
+    row.observe_record(rec(2), clock.monotonic(), clock.wall())
+    table.touch(row, clock.monotonic())
+    beat = clock.monotonic()
+    seen = [(0.0, row.state)]
+    wakeups = 0
+    began = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        await tg.start(table.run_timers)
+        await clock.settle()
+        while clock.monotonic() < beat + 8.0:
+            first = clock.next_deadline()
+            assert first is not None  # run_timers always sleeps on the clock
+            clock.advance(first - clock.monotonic())
+            await clock.settle()
+            wakeups += 1
+            if row.state != seen[-1][1]:
+                seen.append((clock.monotonic() - beat, row.state))
+        tg.cancel_scope.cancel()
+    assert time.monotonic() - began < 1.0
+    assert [state for _, state in seen] == ["alive", "late", "stale"], seen
+    late_at, stale_at = seen[1][0], seen[2][0]
+    late_due = POLL_JITTER + 2 * TIMING.interval  # one beat missed, a poll period ago
+    slop = TIMER_GRAIN + 1e-9  # (run_timers wakes when a bucket ends; float rounding)
+    assert late_due <= late_at <= late_due + slop, seen
+    assert 3.0 <= stale_at <= 3.0 + slop, seen
+    assert row.missed_total == 7  # counted on once a second: at 2.1 s, 3.1 s ... 8.1 s
+    assert wakeups <= 12, wakeups  # 8 s: its timers and the 1 s cap, not 800 buckets
+
+
+async def test_a_timer_earlier_than_the_sleep_wakes_run_timers() -> None:
+    """A row added while run_timers sleeps (its 1 s cap: nothing due) sets the wake event:
+    the loop sleeps again until that row's timer, so the row goes stale on time rather
+    than at the end of the old sleep."""
+    clock = FakeClock()
+    table = StatusTable(clock, site="s")
+    start = clock.monotonic()
+    async with anyio.create_task_group() as tg:
+        await tg.start(table.run_timers)
+        await clock.settle()
+        assert clock.next_deadline() == start + 1.0
+        clock.advance(0.3)
+        await clock.settle()
+        fast = Timing(interval=0.1, miss_threshold=3, recover_beats=2)  # grace 0.4 s
+        table.add_pair("db1", "volume", fast, volume="/v/db1")
+        row = table.row("db1", "volume")
+        assert row is not None
+        assert row.state == "awaiting"
+        await clock.settle()
+        first = clock.next_deadline()
+        assert first is not None
+        assert start + 0.7 <= first <= start + 0.7 + TIMER_GRAIN + 1e-9, first - start
+        await clock.run_for(first - clock.monotonic())
+        assert row.state == "stale"
+        tg.cancel_scope.cancel()
