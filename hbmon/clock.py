@@ -72,11 +72,12 @@ class FakeClock:
     mono: float = 1000.0
     wall_offset: float = 1_700_000_000.0 - 1000.0
     history: list[float] = field(default_factory=list)
+    # (deadline, order of arrival, sleeper): a heap; entries of sleepers gone stay until popped
     _sleepers: list[tuple[float, int, _Sleeper]] = field(
-        default_factory=list, init=False, repr=False
+        default_factory=list, init=False, repr=False, compare=False
     )
-    _seq: int = field(default=0, init=False, repr=False)
-    _woken: list[_Sleeper] = field(default_factory=list, init=False, repr=False)
+    _seq: int = field(default=0, init=False, repr=False, compare=False)
+    _woken: list[_Sleeper] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def monotonic(self) -> float:
         return self.mono
