@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hbmon.arbiter.lease import LeaseTiming
 from hbmon.errors import ConfigError
 from hbmon.record import check_pair_id
 
@@ -79,6 +80,7 @@ class BeatConfig:
     slot: int = 0
     interval: float = 1.0
     peers: tuple[str, ...] = ()
+    demote: tuple[str, ...] = ()  # run when this site can no longer prove it owns the pair
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class WatchConfig:
     timing: Timing = field(default_factory=Timing)
     failover: tuple[str, ...] = ()
     failover_single_path: bool = False
+    failover_without_arbiter: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class WatchGlobConfig:
     timing: Timing = field(default_factory=Timing)
     failover: tuple[str, ...] = ()
     failover_single_path: bool = False
+    failover_without_arbiter: bool = False
     rescan: float = 10.0
 
 
@@ -107,6 +111,20 @@ class WatchGlobConfig:
 class NetworkConfig:
     listen: str = "0.0.0.0:9798"
     key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ArbiterConfig:
+    """``[arbiter]``: the etcd cluster that holds ownership (DESIGN.md, "Arbiter")."""
+
+    endpoints: tuple[str, ...]
+    prefix: str = "/hbmon"
+    timing: LeaseTiming = field(default_factory=LeaseTiming)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,8 @@ class SiteConfig:
     tls_client_ca_file: Path | None = None
     failover_hold_down: float = 600.0
     failover_timeout: float = 60.0
+    failover_without_arbiter: bool = False
+    arbiter: ArbiterConfig | None = None
     beats: tuple[BeatConfig, ...] = ()
     watches: tuple[WatchConfig, ...] = ()
     watch_globs: tuple[WatchGlobConfig, ...] = ()
@@ -280,6 +300,65 @@ def _timing(table: _Table, defaults: Timing) -> Timing:
     return timing
 
 
+def _endpoint(value: Any) -> str:
+    text = _text(value)
+    scheme, sep, rest = text.partition("://")
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not sep or scheme not in ("http", "https") or not colon or not host or not port.isdigit():
+        raise ValueError(f"{text!r} is not an etcd client URL (example: https://192.0.2.10:2379)")
+    if "/" in rest.rstrip("/"):
+        raise ValueError(f"{text!r}: give the etcd client URL without a path")
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+def _endpoints(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a list of etcd client URLs, got {value!r}")
+    endpoints = tuple(_endpoint(v) for v in value)
+    if len(set(endpoints)) != len(endpoints):
+        raise ValueError(f"an endpoint is listed twice: {list(endpoints)}")
+    return endpoints
+
+
+def _prefix(value: Any) -> str:
+    text = _text(value)
+    if not text.startswith("/") or text.rstrip("/") == "" or "//" in text:
+        raise ValueError(f"{text!r} is not a key prefix like /hbmon")
+    return text.rstrip("/")
+
+
+def _arbiter(top: _Table, as_path: Callable[[Any], Path]) -> ArbiterConfig:
+    t = top.table("arbiter")
+    defaults = LeaseTiming()
+    timing = LeaseTiming(
+        lease_ttl=t.get("lease_ttl", parse_duration, defaults.lease_ttl),
+        request_timeout=t.get("request_timeout", parse_duration, defaults.request_timeout),
+        demote_budget=t.get("demote_budget", parse_duration, defaults.demote_budget),
+    )
+    config = ArbiterConfig(
+        endpoints=t.require("endpoints", _endpoints),
+        prefix=t.get("prefix", _prefix, "/hbmon"),
+        timing=timing,
+        ca_file=t.get("ca_file", as_path, None),
+        cert_file=t.get("cert_file", as_path, None),
+        key_file=t.get("key_file", as_path, None),
+        user=t.get("user", _text, None),
+        password_file=t.get("password_file", as_path, None),
+    )
+    t.done()
+    problem = timing.problem()
+    if problem is not None:
+        key = "lease_ttl" if timing.lease_ttl < 2 else "lease_ttl, request_timeout, demote_budget"
+        raise t.fail(key, problem)
+    if (config.cert_file is None) != (config.key_file is None):
+        raise t.fail("cert_file", "cert_file and key_file go together (a client certificate)")
+    if (config.user is None) != (config.password_file is None):
+        raise t.fail("user", "user and password_file go together (etcd authentication)")
+    if any(e.startswith("http://") for e in config.endpoints) and config.ca_file is not None:
+        raise t.fail("ca_file", "is set, but an endpoint is http://; write https:// endpoints")
+    return config
+
+
 def parse_config(data: dict[str, Any], source: str, base: Path | None = None) -> SiteConfig:
     """Validate a parsed TOML document; relative paths are taken from ``base``."""
     base = base if base is not None else Path.cwd()
@@ -299,6 +378,8 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
     hold_down = hook.get("hold_down", parse_duration, 600.0)
     failover_timeout = hook.get("failover_timeout", parse_duration, 60.0)
     hook.done()
+    without_arbiter = top.get("failover_without_arbiter", _bool, False)
+    arbiter = _arbiter(top, as_path) if "arbiter" in top.data else None
 
     beats = []
     for t in top.tables("beat"):
@@ -309,6 +390,7 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
                 slot=t.get("slot", _slot, 0),
                 interval=t.get("interval", parse_duration, timing.interval),
                 peers=t.get("peers", _peers, ()),
+                demote=t.get("demote", _command, ()),
             )
         )
         t.done()
@@ -324,6 +406,9 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
                 timing=_timing(t, timing),
                 failover=t.get("failover", _command, ()),
                 failover_single_path=t.get("failover_single_path", _bool, False),
+                failover_without_arbiter=t.get(
+                    "failover_without_arbiter", _bool, without_arbiter
+                ),
             )
         )
         t.done()
@@ -341,6 +426,9 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
                 timing=_timing(t, timing),
                 failover=t.get("failover", _command, ()),
                 failover_single_path=t.get("failover_single_path", _bool, False),
+                failover_without_arbiter=t.get(
+                    "failover_without_arbiter", _bool, without_arbiter
+                ),
                 rescan=t.get("rescan", parse_duration, 10.0),
             )
         )
@@ -363,6 +451,8 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
         tls_client_ca_file=top.get("tls_client_ca_file", as_path, None),
         failover_hold_down=hold_down,
         failover_timeout=failover_timeout,
+        failover_without_arbiter=without_arbiter,
+        arbiter=arbiter,
         beats=tuple(beats),
         watches=tuple(watches),
         watch_globs=tuple(globs),

@@ -67,3 +67,29 @@ class SlotTakenError(VolumeError):
             reason="slot_taken",
         )
         self.slot = slot
+
+
+class ArbiterError(HbmonError):
+    """The arbiter (etcd) could not give the answer a decision needs."""
+
+
+class ArbiterUnavailable(ArbiterError):
+    """No arbiter endpoint answered in time, or its answer was not one hbmon understands.
+
+    Never read as "no": a caller that could not ask knows nothing and must act as
+    the losing side would (demote as its lease runs out, refuse a failover)."""
+
+
+class LeaseLost(ArbiterError):
+    """The arbiter says this site's lease no longer exists (expired or revoked)."""
+
+
+class OwnerTaken(ArbiterError):
+    """A pair's owner key is held by someone else than the caller expected."""
+
+    def __init__(self, pair: str, holder: str, term: int | None) -> None:
+        self.pair = pair
+        self.holder = holder
+        self.term = term
+        at = f" at term {term}" if term is not None else ""
+        super().__init__(f"pair {pair!r} is owned by {holder}{at}")
