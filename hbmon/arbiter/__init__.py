@@ -15,6 +15,7 @@ from hbmon.arbiter.base import (
     Owner,
     OwnerEvent,
     OwnerView,
+    Refusal,
     RefusalCode,
     Store,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Owner",
     "OwnerEvent",
     "OwnerView",
+    "Refusal",
     "RefusalCode",
     "Store",
 ]

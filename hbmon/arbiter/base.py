@@ -180,3 +180,13 @@ def _json_object(value: bytes | str, what: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ArbiterUnavailable(f"{what} is not a JSON object: {value!r:.80}")
     return doc
+
+
+class Refusal(Exception):
+    """The arbiter's answer to a candidate: no failover, and why (``code`` for programs,
+    ``reason`` for people)."""
+
+    def __init__(self, code: RefusalCode, reason: str) -> None:
+        self.code: RefusalCode = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")
