@@ -303,11 +303,11 @@ def _timing(table: _Table, defaults: Timing) -> Timing:
 def _endpoint(value: Any) -> str:
     text = _text(value)
     scheme, sep, rest = text.partition("://")
+    if "/" in rest.rstrip("/"):
+        raise ValueError(f"{text!r}: give the etcd client URL without a path")
     host, colon, port = rest.rstrip("/").rpartition(":")
     if not sep or scheme not in ("http", "https") or not colon or not host or not port.isdigit():
         raise ValueError(f"{text!r} is not an etcd client URL (example: https://192.0.2.10:2379)")
-    if "/" in rest.rstrip("/"):
-        raise ValueError(f"{text!r}: give the etcd client URL without a path")
     return f"{scheme}://{rest.rstrip('/')}"
 
 
