@@ -266,7 +266,8 @@ json.dump({"env": dict(os.environ), "argv": sys.argv[2:], "stdin": sys.stdin.rea
 def quiet_table(clock: FakeClock, command: tuple[str, ...]) -> StatusTable:
     """Pair db1 on both paths: two beats, then silence (host_down after 5 s)."""
     table = StatusTable(clock, site="tokyo")
-    table.add_pair("db1", "both", Timing(interval=1.0, miss_threshold=3), failover=command, failover_without_arbiter=True)
+    timing = Timing(interval=1.0, miss_threshold=3)
+    table.add_pair("db1", "both", timing, failover=command, failover_without_arbiter=True)
     for row in table.pairs["db1"].rows.values():
         for serial in (1, 2):
             row.observe_record(Record("db1", 9, serial, clock.wall(), 1.0), clock.monotonic(), 0)

@@ -179,7 +179,8 @@ NO_ARBITER = """\
 def test_config_check_warns_of_a_failover_without_an_arbiter(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, NO_ARBITER.format(top="", watch="")))
     (warning,) = warnings(config)
-    assert "no_arbiter" in warning and "watch[0] ('db1')" in warning
+    assert "no_arbiter" in warning
+    assert "watch[0] ('db1')" in warning
     opted = load_config(
         write(tmp_path, NO_ARBITER.format(top="failover_without_arbiter = true", watch=""))
     )
