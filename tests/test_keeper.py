@@ -16,12 +16,13 @@ import anyio
 import anyio.abc
 import pytest
 
-from hbmon.arbiter.base import Refusal
+from hbmon.arbiter.base import OwnerEvent, Refusal
 from hbmon.arbiter.keeper import Keeper
 from hbmon.arbiter.lease import MARGIN, LeaseTiming
 from hbmon.arbiter.memory import MemoryStore
 from hbmon.clock import FakeClock
 from hbmon.config import BeatConfig
+from hbmon.errors import ArbiterUnavailable, LeaseLost, OwnerTaken
 from hbmon.failover import Journal
 
 TIMING = LeaseTiming(lease_ttl=15.0, request_timeout=2.0, demote_budget=5.0)
@@ -322,7 +323,7 @@ async def test_a_release_the_store_did_not_take_leaves_the_pair_demoted(
         store.unavailable = True  # the store goes away while the demote runs
         go.touch()
         await until(lambda: failed)
-        assert type(failed[0]).__name__ == "ArbiterUnavailable"
+        assert isinstance(failed[0], ArbiterUnavailable)
         store.unavailable = False
         await run_for(clock, 10, keeper)
         assert "db1" in (await store.view()).owners  # still under this site's lease...
@@ -610,3 +611,69 @@ async def test_release_hand_over_and_claim_demote_first_and_raise_the_term(
         assert status["lease"] == f"{osaka.lease:x}"
         for kill in kills:
             kill.cancel()
+
+
+# -- the memory store itself -------------------------------------------------------------
+
+
+async def test_the_memory_store_keeps_etcds_rules(clock: FakeClock, store: MemoryStore) -> None:
+    osaka, tokyo = await store.grant(2.5), await store.grant(15)
+    assert await store.time_left(osaka) == 3.0  # whole seconds, rounded up
+    first = await store.claim("db1", "osaka", osaka)
+    assert (first.term, first.lease) == (1, osaka)
+    with pytest.raises(OwnerTaken):
+        await store.claim("db1", "tokyo", tokyo)
+    with pytest.raises(OwnerTaken):
+        await store.claim("db1", "osaka", tokyo)  # the same site, but not asked to keep it
+    restarted = await store.grant(15)
+    kept = await store.claim("db1", "osaka", restarted, keep=True)
+    assert (kept.term, kept.lease) == (1, restarted)
+    assert kept.revision > first.revision
+    with pytest.raises(OwnerTaken):
+        await store.release(first)  # not exactly that key any more
+    await store.revoke(osaka)  # the old lease ends: the key moved away survives it
+    assert (await store.view()).owners["db1"] == kept
+    with pytest.raises(LeaseLost):
+        await store.hand_over(kept, "tokyo")  # tokyo is not registered
+    await store.register("tokyo", tokyo)
+    handed = await store.hand_over(kept, "tokyo")
+    assert (handed.site, handed.term, handed.lease) == ("tokyo", 2, tokyo)
+    await store.release(handed)
+    assert (await store.view()).terms == {"db1": 2}  # the term key stays
+    again = await store.claim("db1", "osaka", restarted)
+    assert again.term == 3
+    events = store.watch(first.revision)  # replays what came after, then goes on
+    seen = [await anext(events) for _ in range(4)]
+    assert [(e.owner.site, e.owner.term) if e.owner else None for e in seen] == [
+        ("osaka", 1),
+        ("tokyo", 2),
+        None,
+        ("osaka", 3),
+    ]
+    clock.advance(15)
+    assert store.expire() == [tokyo, restarted]  # etcd's leases end on their own
+    assert await anext(events) == OwnerEvent("db1", None, store.revision)
+    await events.aclose()  # type: ignore[attr-defined]
+    with pytest.raises(LeaseLost):
+        await store.keepalive(restarted)
+    store.put_raw("/hbmon/owner/db2", "[]")
+    store.put_raw("/hbmon/elsewhere", "{}")
+    view = await store.view()
+    assert view.owners == {}
+    assert view.foreign == ("/hbmon/elsewhere", "/hbmon/owner/db2")
+    store.unavailable = True
+    with pytest.raises(ArbiterUnavailable):
+        await store.view()
+    store.unavailable = False
+    store.pause()  # a frozen store: the call is given up after its deadline, on the clock
+    async with anyio.create_task_group() as tg:
+        failed: list[float] = []
+
+        async def ask() -> None:
+            with pytest.raises(ArbiterUnavailable):
+                await store.view()
+            failed.append(clock.monotonic())
+
+        tg.start_soon(ask)
+        await clock.run_for(10)
+    assert failed == [T0 + 15 + store.deadline]

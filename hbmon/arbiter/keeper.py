@@ -20,7 +20,6 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -28,11 +27,15 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from hbmon.arbiter.base import OWNER, Owner, OwnerView, Refusal, Store
-from hbmon.arbiter.lease import LeaseClock, LeaseTiming
+from hbmon.arbiter.base import OWNER, Owner, Refusal, Store
+from hbmon.arbiter.lease import MARGIN, LeaseClock, LeaseTiming
 from hbmon.arbiter.support import (
+    ArbiterStatistics,
     DemoteResult,
+    OwnerBook,
+    aclose,
     demote_env,
+    key_deleted,
     on_clock,
     read_state,
     run_demote,
@@ -43,6 +46,7 @@ from hbmon.config import BeatConfig
 from hbmon.errors import ArbiterError, ArbiterUnavailable, LeaseLost, OwnerTaken
 from hbmon.failover import Journal
 
+__all__ = ["ArbiterStatistics", "Keeper", "OwnerState"]
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
@@ -50,18 +54,6 @@ T = TypeVar("T")
 OwnerState = Literal["alive", "gone", "unknown"]
 CLAIMS_AT_ONCE = 16  # start claims in flight together
 DEMOTES_AT_ONCE = 128  # demote commands running together
-
-
-@dataclass(frozen=True, slots=True)
-class ArbiterStatistics:
-    """What the keeper tells about itself (for the metrics)."""
-
-    up: bool  # a request answered within renew_every (+ request_timeout for the answer)
-    lease_remaining: float
-    owned: frozenset[str] = frozenset()
-    terms: Mapping[str, int] = field(default_factory=dict)  # every pair in the view
-    demotes: Mapping[tuple[str, DemoteResult], int] = field(default_factory=dict)
-    requests: int = 0
 
 
 class Keeper:
@@ -95,11 +87,8 @@ class Keeper:
         self._pending = set(self.beats)  # start claims not answered yet
         self._owned: dict[str, Owner] = {}
         self._disowned: set[str] = set()  # demoted; the key may still be under our lease
-        self._view: dict[str, Owner] = {}
-        self._terms: dict[str, int] = {}
-        self._foreign: set[str] = set()  # pairs whose owner key hbmon did not write
+        self.book = OwnerBook()  # kept current by the watch
         self._watching = False
-        self._revision = 0  # of the view and the events taken so far
         self._last_ok = -math.inf
         self._alarm = anyio.Event()  # wakes the watchdog
         self._kick = anyio.Event()  # wakes the lease loop
@@ -119,30 +108,31 @@ class Keeper:
         return False
 
     def owner_state(self, pair: str) -> OwnerState:
-        if not self._current() or pair in self._foreign:
+        if not self._current() or pair in self.book.foreign:
             return "unknown"
-        return "alive" if pair in self._view else "gone"
+        return "alive" if pair in self.book.owners else "gone"
+
+    @property
+    def takeover_wait(self) -> float:
+        """How long a candidate waits for the owner key to go: lease_ttl + election
+        timeout + margin (etcd's new leader may extend a lease by an election timeout)."""
+        return self.timing.lease_ttl + self.election_timeout + MARGIN
 
     def statistics(self) -> ArbiterStatistics:
         return ArbiterStatistics(
             up=self._up(),
             lease_remaining=self.lease_clock.remaining(),
             owned=frozenset(self._owned) if self.lease_clock.valid() else frozenset(),
-            terms=dict(self._terms),
+            terms=dict(self.book.terms),
             demotes=dict(self.demotes),
             requests=self.requests,
         )
 
     def status(self) -> dict[str, Any]:
+        book = self.book
         pairs = {
-            pair: {
-                "owner": owner.site if owner else None,
-                "term": self._terms.get(pair),
-                "owned": self.owned(pair),
-                "foreign": pair in self._foreign,
-            }
-            for pair in sorted(set(self._terms) | set(self._view) | set(self.beats))
-            for owner in [self._view.get(pair)]
+            pair: {**book.describe(pair), "owned": self.owned(pair)}
+            for pair in sorted(set(book.terms) | set(book.owners) | set(self.beats))
         }
         doc: dict[str, Any] = {
             "site": self.site,
@@ -197,7 +187,8 @@ class Keeper:
             if self._pending:
                 await self._claim_pending()
         except LeaseLost as err:
-            await self._give_up(self.lease, f"the arbiter says the lease is gone: {err}")
+            lost = self.lease if lease is None else lease
+            await self._give_up(lost, f"the arbiter says the lease is gone: {err}")
             return self.clock.monotonic()
         except ArbiterUnavailable as err:
             log.warning("arbiter: %s", err)
@@ -265,7 +256,7 @@ class Keeper:
     def _own(self, owner: Owner) -> None:
         self._owned[owner.pair] = owner
         self._disowned.discard(owner.pair)
-        self._note(owner.pair, owner)
+        self.book.note(owner.pair, owner)
 
     # -- losing ---------------------------------------------------------------------------
 
@@ -300,8 +291,7 @@ class Keeper:
             self._pending.clear()  # never claimed by the keeper itself after a demote
         log.warning("arbiter: giving up lease %x: %s", lease, reason)
         await self._demote_all(owners, reason)  # first: the winner must not start before
-        with contextlib.suppress(OSError):
-            await self._save()
+        await self._save()
         with contextlib.suppress(ArbiterError):
             await self._ask(self.store.revoke, lease)
         self._kick.set()
@@ -328,22 +318,16 @@ class Keeper:
         """Run ``owner.pair``'s demote command by ``deadline``; journal and count it."""
         beat = self.beats.get(owner.pair)
         command = beat.demote if beat is not None else ()
-        started, wall = self.clock.monotonic(), self.clock.wall()
         env = demote_env(owner.pair, self.site, reason, owner.term)
         budget = self.timing.demote_budget
-        result, entry = await run_demote(command, env, self.clock, deadline, budget)
-        self.demotes[(owner.pair, result)] += 1
-        entry.update(
-            event="demote", pair=owner.pair, term=owner.term, result=result, reason=reason,
-            command=list(command), time=wall, site=self.site,
-            duration=round(self.clock.monotonic() - started, 3),
-        )  # fmt: skip
-        try:
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):  # (a shutdown waits for it: budget-bounded)
+            result, entry = await run_demote(command, env, self.clock, deadline, budget)
+            self.demotes[(owner.pair, result)] += 1
+            try:
                 await anyio.to_thread.run_sync(self.journal.append, entry)
-        except OSError as err:
-            self.journal_errors += 1
-            log.error("demote of %s: %s, but not journaled: %s", owner.pair, result, err)
+            except OSError as err:
+                self.journal_errors += 1
+                log.error("demote of %s: %s, but not journaled: %s", owner.pair, result, err)
         log.warning("arbiter: demote of %s (term %d): %s", owner.pair, owner.term, result)
 
     def _lose(self, pair: str, reason: str) -> None:
@@ -362,59 +346,47 @@ class Keeper:
     # -- the view ------------------------------------------------------------------------
 
     async def _watcher(self) -> None:
+        book = self.book
         while True:
             try:
-                self._take_view(await self._ask(self.store.view))
+                view = await self._ask(self.store.view)
+                book.reset(view, self.store.key(OWNER, ""))
+                for pair in set(self._owned) | set(view.owners):
+                    self._take(pair, view.owners.get(pair), view.revision, "a fresh read")
                 self.requests += 1
                 self._watching = True
-                events = self.store.watch(self._revision)
+                events = self.store.watch(view.revision)
                 try:
                     async for event in events:
-                        self._revision = max(self._revision, event.revision)
+                        book.revision = max(book.revision, event.revision)
+                        book.foreign.discard(event.pair)
                         self._take(event.pair, event.owner, event.revision, "the watch")
                 finally:
-                    await _aclose(events)
+                    await aclose(events)
             except ArbiterUnavailable as err:
                 log.warning("arbiter: watch: %s", err)
             finally:
                 self._watching = False
             await self.clock.sleep_until(self.clock.monotonic() + self._retry)
 
-    def _take_view(self, view: OwnerView) -> None:
-        self._revision = view.revision
-        self._view = dict(view.owners)
-        self._terms = {**view.terms, **{p: o.term for p, o in view.owners.items()}}
-        base = self.store.key(OWNER, "")
-        self._foreign = {key[len(base) :] for key in view.foreign if key.startswith(base)}
-        for pair in set(self._owned) | set(view.owners):
-            self._take(pair, view.owners.get(pair), view.revision, "a fresh read")
-
     def _take(self, pair: str, now: Owner | None, revision: int, source: str) -> None:
         """What the store says of ``pair`` at ``revision``: noted; an owned pair lost is
         demoted, a pair the store gave this site's lease (a handover) is owned."""
-        self._note(pair, now)
-        self._foreign.discard(pair)
-        ours = now is not None and (now.site, now.lease) == (self.site, self.lease)
         mine = self._owned.get(pair)
         if mine is not None and revision <= mine.revision:
             return  # older than what this keeper itself did
-        if ours and now is not None:
-            if mine is None and pair not in self._disowned:
-                log.warning("arbiter: %s now belongs to this site (term %d)", pair, now.term)
-            if mine is not None or pair not in self._disowned:
-                self._own(now)
+        self.book.note(pair, now)
+        if now is not None and (now.site, now.lease) == (self.site, self.lease):
+            if mine is None and pair in self._disowned:
+                return  # demoted here: never taken back by the keeper itself
+            if mine is None:
+                log.warning("arbiter: %s handed to this site (term %d)", pair, now.term)
+            self._own(now)
         elif mine is not None:
             how = "deleted" if now is None else f"taken by {now.site} at term {now.term}"
             self._lose(pair, f"{source} shows the owner key {how}")
-        elif pair in self._disowned and not ours:
-            self._disowned.discard(pair)
-
-    def _note(self, pair: str, owner: Owner | None) -> None:
-        if owner is None:
-            self._view.pop(pair, None)
         else:
-            self._view[pair] = owner
-            self._terms[pair] = max(owner.term, self._terms.get(pair, 0))
+            self._disowned.discard(pair)
 
     def _current(self) -> bool:
         return self._watching and self._up()
@@ -446,6 +418,8 @@ class Keeper:
                 if holder is None or await self._deleted(holder, view.revision, deadline):
                     break
             owner = await self._ask(self.store.claim, pair, self.site, lease)
+            if lease != self.lease:
+                raise LeaseLost(f"lease {lease:x} was given up while {pair} was claimed")
         except OwnerTaken as err:
             raise Refusal("owner_taken", str(err)) from None
         except ArbiterError as err:
@@ -458,27 +432,12 @@ class Keeper:
 
     async def _deleted(self, holder: Owner, revision: int, deadline: float) -> bool:
         """Wait for ``holder``'s owner key to go: True once deleted; False when the watch
-        broke (read again); TimeoutError at ``deadline``; OwnerTaken when another owner or
-        term took it meanwhile (the holder moving it to its new lease is no change)."""
-
-        async def watch() -> bool:
-            events = self.store.watch(revision)
-            try:
-                async for event in events:
-                    now = event.owner
-                    if event.pair != holder.pair:
-                        continue
-                    if now is None:
-                        return True
-                    if (now.site, now.term) != (holder.site, holder.term):
-                        raise OwnerTaken(holder.pair, now.site, now.term)
-            finally:
-                await _aclose(events)
-            return False
-
+        broke (read again); TimeoutError at ``deadline``; OwnerTaken (see key_deleted)."""
         self.requests += 1
         try:
-            return await on_clock(self.clock, deadline, watch)
+            return await on_clock(
+                self.clock, deadline, lambda: key_deleted(self.store, holder, revision)
+            )
         except ArbiterUnavailable:
             await self.clock.sleep_until(min(deadline, self.clock.monotonic() + self._retry))
             if self.clock.monotonic() >= deadline:
@@ -489,6 +448,8 @@ class Keeper:
         """Claim ``pair`` for this site (the operator's fail-back); its term."""
         lease = await self._ensure_lease()
         owner = await self._ask(self.store.claim, pair, self.site, lease, keep=True)
+        if lease != self.lease:
+            raise LeaseLost(f"lease {lease:x} was given up while {pair} was claimed")
         self._own(owner)
         return owner.term
 
@@ -507,7 +468,7 @@ class Keeper:
             self.working += 1
             await self._demote_one(owner, reason)
             return owner
-        held = self._view.get(pair)
+        held = self.book.owners.get(pair)
         if held is None or held.site != self.site:
             raise OwnerTaken(pair, held.site if held else "nobody", held.term if held else None)
         return held
@@ -526,15 +487,13 @@ class Keeper:
         return result
 
     async def _save(self) -> None:
+        """Note the lease in the state file (a restart reuses it); a failure is logged."""
         if self.state_file is not None:
             self.working += 1
             try:
                 await anyio.to_thread.run_sync(write_state, self.state_file, self.site, self.lease)
+            except OSError as err:
+                log.error("arbiter: cannot write %s: %s", self.state_file, err)
             finally:
                 self.working -= 1
 
-
-async def _aclose(events: object) -> None:
-    close = getattr(events, "aclose", None)
-    if close is not None:
-        await close()

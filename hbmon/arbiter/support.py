@@ -1,22 +1,92 @@
-"""The keeper's helpers that hold no state: a call bounded on the injected clock, the
-demote command, the state file that lets a restart reuse the lease."""
+"""The keeper's timing-free helpers: what it reports, its book of owners, a call bounded
+on the injected clock, the demote command, the state file that lets a restart reuse the
+lease."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 import anyio
 
+from hbmon.arbiter.base import Owner, OwnerView, Store
 from hbmon.clock import Clock
+from hbmon.errors import OwnerTaken
 from hbmon.failover import OUTPUT_LIMIT, command_env, run_command
 
 T = TypeVar("T")
 DemoteResult = Literal["executed", "failed", "timed_out", "no_command"]
 DEMOTE_RESULTS: tuple[DemoteResult, ...] = get_args(DemoteResult)
+
+
+@dataclass(frozen=True, slots=True)
+class ArbiterStatistics:
+    """What the keeper tells about itself (for the metrics)."""
+
+    up: bool  # a request answered within renew_every (+ request_timeout for the answer)
+    lease_remaining: float
+    owned: frozenset[str] = frozenset()
+    terms: Mapping[str, int] = field(default_factory=dict)  # every pair in the view
+    demotes: Mapping[tuple[str, DemoteResult], int] = field(default_factory=dict)
+    requests: int = 0
+
+
+class OwnerBook:
+    """Who owns what as the store last said (a view, then the watch's events)."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, Owner] = {}
+        self.terms: dict[str, int] = {}  # pair -> the newest term seen
+        self.foreign: set[str] = set()  # pairs whose owner key hbmon did not write
+        self.revision = 0
+
+    def reset(self, view: OwnerView, owner_base: str) -> None:
+        self.revision = view.revision
+        self.owners = dict(view.owners)
+        self.terms = {**view.terms, **{p: o.term for p, o in view.owners.items()}}
+        self.foreign = {k[len(owner_base) :] for k in view.foreign if k.startswith(owner_base)}
+
+    def note(self, pair: str, owner: Owner | None) -> None:
+        if owner is None:
+            self.owners.pop(pair, None)
+        else:
+            self.owners[pair] = owner
+            self.terms[pair] = max(owner.term, self.terms.get(pair, 0))
+
+    def describe(self, pair: str) -> dict[str, Any]:
+        owner = self.owners.get(pair)
+        site = owner.site if owner is not None else None
+        return {"owner": site, "term": self.terms.get(pair), "foreign": pair in self.foreign}
+
+
+async def aclose(events: object) -> None:
+    """Close an async iterator that can be closed (a watch left before its end)."""
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()
+
+
+async def key_deleted(store: Store, holder: Owner, revision: int) -> bool:
+    """Watch from ``revision`` until ``holder``'s owner key is deleted: True then, False
+    if the stream ends; OwnerTaken when another owner or term takes the key (the holder
+    moving it to its new lease is no change); ArbiterUnavailable when the stream breaks."""
+    events = store.watch(revision)
+    try:
+        async for event in events:
+            now = event.owner
+            if event.pair != holder.pair:
+                continue
+            if now is None:
+                return True
+            if (now.site, now.term) != (holder.site, holder.term):
+                raise OwnerTaken(holder.pair, now.site, now.term)
+    finally:
+        await aclose(events)
+    return False
 
 
 async def on_clock(clock: Clock, deadline: float, call: Callable[[], Awaitable[T]]) -> T:
@@ -53,7 +123,20 @@ async def run_demote(
     command: tuple[str, ...], env: dict[str, str], clock: Clock, deadline: float, budget: float
 ) -> tuple[DemoteResult, dict[str, Any]]:
     """Run a demote command (no shell, own session) until ``deadline`` on ``clock``, when
-    its process group is killed; its result and what the journal says of it."""
+    its process group is killed; its result and the journal entry (event ``demote``)."""
+    started, wall = clock.monotonic(), clock.wall()
+    result, entry = await _run_demote(command, env, clock, deadline, budget)
+    entry.update(
+        event="demote", time=wall, site=env["HBMON_SITE"], pair=env["HBMON_PAIR"],
+        term=int(env["HBMON_FENCING_TOKEN"]), result=result, reason=env["HBMON_REASON"],
+        command=list(command), duration=round(clock.monotonic() - started, 3),
+    )  # fmt: skip
+    return result, entry
+
+
+async def _run_demote(
+    command: tuple[str, ...], env: dict[str, str], clock: Clock, deadline: float, budget: float
+) -> tuple[DemoteResult, dict[str, Any]]:
     if not command:
         return "no_command", {}
     try:
