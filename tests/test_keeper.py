@@ -366,7 +366,7 @@ async def test_a_restart_within_the_lease_keeps_ownership_and_term(
 async def test_a_restart_after_the_lease_expired_claims_absent_keys_only(
     clock: FakeClock, store: MemoryStore, tmp_path: Path
 ) -> None:
-    first = make(store, clock, tmp_path, pairs=("db1", "db2"))
+    first = make(store, clock, tmp_path, pairs=("db1", "db2", "db3"))
     async with anyio.create_task_group() as tg:
         kill = await start(tg, first)
         kill.cancel()
@@ -374,14 +374,18 @@ async def test_a_restart_after_the_lease_expired_claims_absent_keys_only(
     store.expire()  # etcd deletes both owner keys with the lease
     tokyo = await store.grant(15)
     await store.claim("db2", "tokyo", tokyo)  # and another site takes db2 (term 2)
-    second = make(store, clock, tmp_path, pairs=("db1", "db2"))
+    store.put_raw(store.key("owner", "db3"), "garbage")  # and someone else writes db3
+    second = make(store, clock, tmp_path, pairs=("db1", "db2", "db3", "db4"))
     async with anyio.create_task_group() as tg:
         kill = await start(tg, second)
         assert second.lease != first.lease
         assert second.owned("db1")
         assert not second.owned("db2")
+        assert not second.owned("db3")
+        assert second.owned("db4")  # (a foreign key does not stop the other claims)
         await run_for(clock, 1, second)
-        assert second.statistics().terms == {"db1": 2, "db2": 2}
+        assert second.statistics().terms == {"db1": 2, "db2": 2, "db3": 1, "db4": 1}
+        assert second.owner_state("db3") == "unknown"
         assert second.status()["pairs"]["db2"]["owner"] == "tokyo"
         assert second.owner_state("db2") == "alive"
         kill.cancel()

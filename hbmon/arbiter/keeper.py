@@ -34,6 +34,7 @@ from hbmon.arbiter.support import (
     DemoteResult,
     OwnerBook,
     aclose,
+    claim_each,
     demote_env,
     key_deleted,
     on_clock,
@@ -90,6 +91,7 @@ class Keeper:
         self.book = OwnerBook()  # kept current by the watch
         self._watching = False
         self._last_ok = -math.inf
+        self._failing = False  # the last request got no answer
         self._alarm = anyio.Event()  # wakes the watchdog
         self._kick = anyio.Event()  # wakes the lease loop
         self._obtaining = anyio.Lock()
@@ -190,8 +192,7 @@ class Keeper:
             lost = self.lease if lease is None else lease
             await self._give_up(lost, f"the arbiter says the lease is gone: {err}")
             return self.clock.monotonic()
-        except ArbiterUnavailable as err:
-            log.warning("arbiter: %s", err)
+        except ArbiterUnavailable:
             return self.clock.monotonic() + self._retry
         if self.lease is None:
             return self.clock.monotonic() + self._retry
@@ -209,9 +210,10 @@ class Keeper:
             return self.lease
 
     async def _obtain(self) -> int:
-        stored, self._stored = self._stored, None
+        stored = self._stored
         if stored is not None:
             left = await self._ask(self.store.time_left, stored)
+            self._stored = None  # (asked once the store answers)
             if left is not None and left > 0:
                 sent = self.lease_clock.send()
                 with contextlib.suppress(LeaseLost):
@@ -225,31 +227,25 @@ class Keeper:
         return lease
 
     async def _claim_pending(self) -> None:
-        lease, lost = self.lease, list[LeaseLost]()
-        limiter = anyio.CapacityLimiter(CLAIMS_AT_ONCE)
-
-        async def one(pair: str, lease: int) -> None:
-            async with limiter:
-                try:
-                    owner = await self._ask(self.store.claim, pair, self.site, lease, keep=True)
-                except OwnerTaken as err:
-                    log.warning("arbiter: %s is not this site's: %s", pair, err)
-                except LeaseLost as err:
-                    return lost.append(err)
-                except ArbiterUnavailable:
-                    return
-                else:
-                    if lease == self.lease and pair in self._pending:
-                        self._own(owner)
-                self._pending.discard(pair)
-
+        lease = self.lease
         if lease is None:
             return
-        async with anyio.create_task_group() as tg:
-            for pair in sorted(self._pending):
-                tg.start_soon(one, pair, lease)
-        if lost:
-            raise lost[0]
+
+        async def claim(pair: str) -> Owner:
+            return await self._ask(self.store.claim, pair, self.site, lease, keep=True)
+
+        def got(owner: Owner) -> None:
+            if lease == self.lease and owner.pair in self._pending:
+                self._own(owner)
+
+        view = await self._ask(self.store.view)  # (skip what is not this site's to claim)
+        for pair in sorted(self._pending):
+            held = view.owners.get(pair)
+            if self.store.key(OWNER, pair) in view.foreign or (held and held.site != self.site):
+                log.error("arbiter: %s is not this site's: %s", pair, held or "a foreign key")
+                self._pending.discard(pair)
+        pending = sorted(self._pending)
+        self._pending -= await claim_each(claim, pending, CLAIMS_AT_ONCE, got)
         if self._pending:
             raise ArbiterUnavailable(f"{len(self._pending)} pairs not claimed yet")
 
@@ -275,9 +271,10 @@ class Keeper:
     def _expired(self) -> str:
         now = self.clock.monotonic()
         ago, left = now - (self.lease_clock.sent or now), self.lease_clock.remaining(now)
+        paused = " (was this process paused?)" if left <= 0 else ""
         return (
             f"the lease could not be renewed in time (last renewal sent {ago:.1f} s ago, "
-            f"{left:.1f} s left before the arbiter may expire it)"
+            f"{left:.1f} s left before the arbiter may expire it){paused}"
         )
 
     async def _give_up(self, lease: int | None, reason: str) -> None:
@@ -364,7 +361,7 @@ class Keeper:
                 finally:
                     await aclose(events)
             except ArbiterUnavailable as err:
-                log.warning("arbiter: watch: %s", err)
+                log.info("arbiter: the watch ended: %s", err)
             finally:
                 self._watching = False
             await self.clock.sleep_until(self.clock.monotonic() + self._retry)
@@ -380,7 +377,7 @@ class Keeper:
             if mine is None and pair in self._disowned:
                 return  # demoted here: never taken back by the keeper itself
             if mine is None:
-                log.warning("arbiter: %s handed to this site (term %d)", pair, now.term)
+                log.warning("arbiter: %s is this site's (term %d)", pair, now.term)
             self._own(now)
         elif mine is not None:
             how = "deleted" if now is None else f"taken by {now.site} at term {now.term}"
@@ -481,9 +478,16 @@ class Keeper:
         try:
             with anyio.fail_after(self._belt):
                 result = await call(*args, **kw)
-        except TimeoutError:
-            raise ArbiterUnavailable(f"no answer within {self._belt:g} s") from None
-        self._last_ok = self.clock.monotonic()
+        except (TimeoutError, ArbiterUnavailable) as err:
+            if isinstance(err, TimeoutError):
+                err = ArbiterUnavailable(f"no answer within {self._belt:g} s")
+            if not self._failing:  # (once per outage, not every retry)
+                log.warning("arbiter: unavailable: %s", err)
+            self._failing = True
+            raise err from None
+        if self._failing:
+            log.warning("arbiter: answering again")
+        self._failing, self._last_ok = False, self.clock.monotonic()
         return result
 
     async def _save(self) -> None:

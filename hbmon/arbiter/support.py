@@ -5,8 +5,9 @@ lease."""
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -15,10 +16,11 @@ import anyio
 
 from hbmon.arbiter.base import Owner, OwnerView, Store
 from hbmon.clock import Clock
-from hbmon.errors import OwnerTaken
+from hbmon.errors import ArbiterUnavailable, LeaseLost, OwnerTaken
 from hbmon.failover import OUTPUT_LIMIT, command_env, run_command
 
 T = TypeVar("T")
+log = logging.getLogger("hbmon.arbiter.keeper")
 DemoteResult = Literal["executed", "failed", "timed_out", "no_command"]
 DEMOTE_RESULTS: tuple[DemoteResult, ...] = get_args(DemoteResult)
 
@@ -68,6 +70,40 @@ async def aclose(events: object) -> None:
     close = getattr(events, "aclose", None)
     if close is not None:
         await close()
+
+
+async def claim_each(
+    claim: Callable[[str], Awaitable[Owner]],
+    pairs: Iterable[str],
+    at_once: int,
+    got: Callable[[Owner], None],
+) -> set[str]:
+    """Claim each of ``pairs``, ``at_once`` in flight, handing each owner to ``got``; stop
+    at the first ArbiterUnavailable (the rest are tried later, not all failing now) or
+    LeaseLost (raised).  The pairs answered: claimed, or held by another site."""
+    answered: set[str] = set()
+    lost: list[LeaseLost] = []
+    limiter = anyio.CapacityLimiter(at_once)
+
+    async def one(pair: str) -> None:
+        async with limiter:
+            try:
+                got(await claim(pair))
+            except OwnerTaken as err:
+                log.warning("arbiter: %s is not this site's: %s", pair, err)
+            except LeaseLost as err:
+                lost.append(err)
+                return tg.cancel_scope.cancel()
+            except ArbiterUnavailable:
+                return tg.cancel_scope.cancel()
+            answered.add(pair)
+
+    async with anyio.create_task_group() as tg:
+        for pair in pairs:
+            tg.start_soon(one, pair)
+    if lost:
+        raise lost[0]
+    return answered
 
 
 async def key_deleted(store: Store, holder: Owner, revision: int) -> bool:
