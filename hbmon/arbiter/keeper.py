@@ -241,8 +241,21 @@ class Keeper:
         view = await self._ask(self.store.view)  # (skip what is not this site's to claim)
         for pair in sorted(self._pending):
             held = view.owners.get(pair)
-            if self.store.key(OWNER, pair) in view.foreign or (held and held.site != self.site):
-                log.error("arbiter: %s is not this site's: %s", pair, held or "a foreign key")
+            if self.store.key(OWNER, pair) in view.foreign:
+                log.error(
+                    "arbiter: the owner key of %s was not written by hbmon: not claimed; "
+                    "its beats say standby (remove the key or change [arbiter] prefix)",
+                    pair,
+                )
+                self._pending.discard(pair)
+            elif held and held.site != self.site:
+                log.warning(
+                    "arbiter: %s is owned by %s at term %d: this site writes standby records "
+                    "for it and does not take it back (fail-back: hbmon arbiter handover)",
+                    pair,
+                    held.site,
+                    held.term,
+                )
                 self._pending.discard(pair)
         pending = sorted(self._pending)
         self._pending -= await claim_each(claim, pending, CLAIMS_AT_ONCE, got)
