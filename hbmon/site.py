@@ -23,7 +23,7 @@ from hbmon.arbiter.etcd import EtcdStore
 from hbmon.arbiter.keeper import Keeper
 from hbmon.beater import Beater
 from hbmon.clock import Clock, SystemClock
-from hbmon.config import SiteConfig, load_config, parse_hostport
+from hbmon.config import SiteConfig, demote_command, load_config, parse_hostport
 from hbmon.errors import ConfigError, HbmonError
 from hbmon.failover import JOURNAL_NAME, FailoverGuard, Journal
 from hbmon.http import HttpApi, serve_http
@@ -74,6 +74,7 @@ class Site:
                 self.clock,
                 journal,
                 state_file=config.state_dir / ARBITER_STATE,
+                demote_for=self._demote_for,
             )
             self.table.set_owner_source(self.keeper.owner_state)
         self.poller = Poller(self.table, self.clock, threads=config.io_threads)
@@ -114,6 +115,8 @@ class Site:
             arbiter=self.keeper,
             arbiter_wait=self.keeper.takeover_wait if self.keeper is not None else 0.0,
         )
+        if self.keeper is not None:
+            self.keeper.on_gained = self._handed_over
         components = Components(
             poller=self.poller.statistics,
             listener=self.listener.statistics if self.listener is not None else None,
@@ -128,7 +131,9 @@ class Site:
             self.poller.statistics,
             arbiter=self.keeper.status if self.keeper is not None else None,
         )
-        self.webhook = Webhook(self.guard, token, self._task_group, client_certs=client_certs)
+        self.webhook = Webhook(
+            self.guard, token, self._task_group, client_certs=client_certs, keeper=self.keeper
+        )
         self.api.extra_routes.extend(self.webhook.routes())
         self._tg: anyio.abc.TaskGroup | None = None
         self.address: tuple[str, int] | None = None
@@ -175,6 +180,13 @@ class Site:
             await self.poller.all_read.wait()
         gc.collect()
         gc.freeze()
+
+    def _demote_for(self, pair: str) -> tuple[str, ...]:
+        watched = self.table.pairs.get(pair)
+        return demote_command(self.config, pair, watched.volume if watched else None)
+
+    def _handed_over(self, pair: str, term: int) -> None:
+        self._task_group().start_soon(self.guard.handed_over, pair, term)
 
     def _task_group(self) -> anyio.abc.TaskGroup:
         if self._tg is None:

@@ -71,10 +71,13 @@ class Keeper:
         *,
         state_file: Path | None,
         election_timeout: float = 1.0,
+        demote_for: Callable[[str], tuple[str, ...]] | None = None,
     ) -> None:
         self.store, self.site, self.timing, self.clock = store, site, timing, clock
         self.journal, self.state_file, self.election_timeout = journal, state_file, election_timeout
         self.beats = {beat.id: beat for beat in beats}
+        # The demote command of a pair this site does not beat (one it took over).
+        self.demote_for = demote_for
         self.lease_clock = LeaseClock(timing, clock)
         self.lease: int | None = None
         self.requests = 0  # store calls made
@@ -96,6 +99,9 @@ class Keeper:
         self._kick = anyio.Event()  # wakes the lease loop
         self._obtaining = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
+        # Told (pair, term) when the store hands this site a pair (a planned handover or
+        # fail-back): the site runs that pair's failover command with the new term.
+        self.on_gained: Callable[[str, int], None] | None = None
 
     # -- what the others ask ------------------------------------------------------------
 
@@ -328,6 +334,8 @@ class Keeper:
         """Run ``owner.pair``'s demote command by ``deadline``; journal and count it."""
         beat = self.beats.get(owner.pair)
         command = beat.demote if beat is not None else ()
+        if not command and self.demote_for is not None:
+            command = self.demote_for(owner.pair)
         env = demote_env(owner.pair, self.site, reason, owner.term)
         budget = self.timing.demote_budget
         with anyio.CancelScope(shield=True):  # (a shutdown waits for it: budget-bounded)
@@ -389,9 +397,11 @@ class Keeper:
         if now is not None and (now.site, now.lease) == (self.site, self.lease):
             if mine is None and pair in self._disowned:
                 return  # demoted here: never taken back by the keeper itself
-            if mine is None:
-                log.warning("arbiter: %s is this site's (term %d)", pair, now.term)
             self._own(now)
+            if mine is None:
+                log.warning("arbiter: %s was handed to this site (term %d)", pair, now.term)
+                if self.on_gained is not None:
+                    self.on_gained(pair, now.term)
         elif mine is not None:
             how = "deleted" if now is None else f"taken by {now.site} at term {now.term}"
             self._lose(pair, f"{source} shows the owner key {how}")
