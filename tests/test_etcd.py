@@ -7,6 +7,7 @@ them.  Answers no etcd would give come from a fake gateway (aiohttp) in the test
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -181,21 +182,14 @@ async def gateway(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def b64(text: str) -> str:
-    import base64
-
     return base64.b64encode(text.encode()).decode()
 
 
-async def raw_put(url: str, key: str, value: str, lease: int = 0) -> None:
-    body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
-    if lease:
-        body["lease"] = str(lease)
-    await gateway(url, "/v3/kv/put", body)
+async def raw_put(url: str, key: str, value: str) -> None:
+    await gateway(url, "/v3/kv/put", {"key": b64(key), "value": b64(value)})
 
 
 async def raw_get(url: str, key: str) -> str | None:
-    import base64
-
     kvs = (await gateway(url, "/v3/kv/range", {"key": b64(key)})).get("kvs", [])
     return base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
 

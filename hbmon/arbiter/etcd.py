@@ -295,14 +295,13 @@ class EtcdStore(Store):
         async def attempt(endpoint: str) -> T:
             return parse((await self._open(endpoint, path, body, stream))[0])
 
-        try:
-            return await self._attempts(path, attempt)
-        except _EtcdError as err:  # "lease not found", an answer
-            if gone is None:
-                raise ArbiterUnavailable(f"etcd {path}: {err}") from None
-            raise LeaseLost(gone) from None
+        return await self._attempts(path, attempt, gone)
 
-    async def _attempts(self, what: str, attempt: Callable[[str], Awaitable[T]]) -> T:
+    async def _attempts(
+        self, what: str, attempt: Callable[[str], Awaitable[T]], gone: str | None = None
+    ) -> T:
+        """``attempt`` at one endpoint after the other; LeaseLost(``gone``) when etcd
+        answers "lease not found"."""
         deadline = anyio.current_time() + 2 * self.request_timeout
         order = [self._good, *(i for i in range(len(self.endpoints)) if i != self._good)]
         problems: list[str] = []
@@ -319,8 +318,8 @@ class EtcdStore(Store):
                 problems.append(f"{endpoint}: no answer within {left:.3g} s")
                 continue
             except _Failed as err:
-                if isinstance(err, _EtcdError) and "lease not found" in str(err):
-                    raise
+                if gone and isinstance(err, _EtcdError) and "lease not found" in str(err):
+                    raise LeaseLost(gone) from None  # an answer, the same everywhere
                 problems.append(f"{endpoint}: {err}")
                 continue
             if problems:
