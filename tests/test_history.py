@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from history import analyze, append, check, read, write_scripts
+from history import analyze, append, check, mark, read, write_scripts
 
 from hbmon.failover import command_env
 
@@ -28,6 +28,10 @@ def _run(script: Path, *args: str, token: int | None = None, pair: str = "db1") 
 
 def _line(t: float, site: str, event: str, token: int | None = None, pair: str = "db1") -> str:
     return json.dumps({"t": t, "site": site, "pair": pair, "event": event, "token": token})
+
+
+def _mark(t: float, site: str, event: str) -> str:
+    return json.dumps({"t": t, "site": site, "pair": None, "event": event})
 
 
 # -- the scripts ---------------------------------------------------------------------------
@@ -147,7 +151,7 @@ def test_a_promote_before_the_old_primary_s_demote_is_caught(tmp_path: Path) -> 
     assert "overlap on db1: B promoted at t=" in message
     assert "while A was still primary" in message
     assert 'promote: line 1: {"t": ' in message  # the offending lines themselves
-    assert 'demoted only at line 2: {"t": ' in message
+    assert 'until line 2: {"t": ' in message
     report = analyze(history, initial_owner={"db1": "A"})
     assert report.overlaps == 1
     t = report.promotes()[0].t
@@ -226,3 +230,89 @@ def test_append_writes_what_read_parses(tmp_path: Path) -> None:
     assert problems == []
     assert [e.line for e in events] == [1, 2]
     assert check(history, {"db1": "A"}).handovers("db1") == [1.0]
+
+
+# -- crashes and freezes (marks written by the fault injector) -------------------------------
+
+
+def test_a_crash_ends_every_primary_of_that_site(tmp_path: Path) -> None:
+    history = tmp_path / "h.jsonl"
+    t = mark(history, "A", "crash")
+    append(history, json.loads(_line(t + 1, "B", "promote", 2, pair="x")))
+    append(history, json.loads(_line(t + 1, "B", "promote", 2, pair="y")))
+    report = check(history, initial_owner={"x": "A", "y": "A"}, initial_token={"x": 1, "y": 1})
+    assert report.primary_at("x", t + 0.5) == []
+    assert report.primary_at("y", t + 2) == ["B"]
+    # without the crash mark the same promotes are overlaps
+    with pytest.raises(AssertionError, match="overlap on x"):
+        check(history.read_text().splitlines()[1:], initial_owner={"x": "A", "y": "A"})
+
+
+FREEZE = [
+    _mark(1.0, "A", "pause"),
+    _line(5.0, "B", "promote", 2),  # A's lease expired while A was frozen
+    _mark(9.0, "A", "resume"),
+    _line(9.05, "A", "demote", 1),  # demoted on resume, before any beat
+]
+
+
+def test_a_primary_frozen_past_its_lease_that_demotes_on_resume_is_fenced() -> None:
+    report = check(FREEZE, {"db1": "A"}, {"db1": 1}, resume_grace=1.0)
+    assert report.violations == []
+    (fenced,) = report.fenced
+    assert "thawed at t=9.000000 and demoted 0.050 s later" in fenced
+    assert "token 1 < 2" in fenced
+    assert report.frozen == {"A": [(1.0, 9.0)]}
+
+
+def test_without_a_grace_a_thawed_primary_s_late_demote_is_an_overlap() -> None:
+    with pytest.raises(AssertionError, match=r"overlap on db1.*\(0\.050 s both active\)"):
+        check(FREEZE, {"db1": "A"}, {"db1": 1})
+
+
+def test_a_thawed_primary_that_demotes_too_late_is_an_overlap() -> None:
+    late = [*FREEZE[:3], _line(10.5, "A", "demote", 1)]
+    with pytest.raises(AssertionError, match=r"1\.500 s both active"):
+        check(late, {"db1": "A"}, {"db1": 1}, resume_grace=1.0)
+
+
+def test_a_thawed_primary_is_only_fenced_by_a_lower_token() -> None:
+    with pytest.raises(AssertionError, match="overlap"):
+        check(FREEZE, {"db1": "A"}, resume_grace=1.0)  # its term unknown: not shown fenced
+    same = [FREEZE[0], _line(5.0, "B", "promote", 1), *FREEZE[2:]]
+    with pytest.raises(AssertionError, match="overlap") as caught:
+        check(same, {"db1": "A"}, {"db1": 1}, resume_grace=1.0)
+    assert "token not increasing" in str(caught.value)
+
+
+def test_a_promote_just_after_the_thaw_is_fenced_like_one_during_the_freeze() -> None:
+    racing = [FREEZE[0], FREEZE[2], _line(9.02, "B", "promote", 2), FREEZE[3]]
+    report = check(racing, {"db1": "A"}, {"db1": 1}, resume_grace=1.0)
+    assert len(report.fenced) == 1
+
+
+def test_an_overlap_with_a_primary_that_never_froze_is_never_excused() -> None:
+    lines = [_line(5.0, "B", "promote", 2), _line(5.05, "A", "demote", 1)]
+    with pytest.raises(AssertionError, match="overlap"):
+        check(lines, {"db1": "A"}, {"db1": 1}, resume_grace=10.0)
+
+
+def test_a_primary_frozen_until_it_crashed_never_acted_again() -> None:
+    lines = [_mark(1.0, "A", "pause"), _line(5.0, "B", "promote", 2), _mark(7.0, "A", "crash")]
+    report = check(lines, {"db1": "A"}, {"db1": 1})
+    assert "frozen throughout" in report.fenced[0]
+
+
+def test_a_primary_still_frozen_at_the_end_is_frozen_throughout() -> None:
+    lines = [_mark(1.0, "A", "pause"), _line(5.0, "B", "promote", 2)]
+    report = check(lines, {"db1": "A"}, {"db1": 1})
+    assert report.frozen == {"A": [(1.0, math.inf)]}
+    assert len(report.fenced) == 1
+
+
+def test_marks_are_site_wide_and_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not one of"):
+        mark(tmp_path / "h", "A", "promote")
+    bad = json.dumps({"t": 1.0, "site": "A", "pair": "db1", "event": "pause"})
+    with pytest.raises(AssertionError, match="site-wide"):
+        check([bad])
