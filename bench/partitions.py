@@ -513,12 +513,10 @@ class Runner:
 
     def start_sites(self, configs: dict[str, Path]) -> dict[str, Site]:
         sites = {name: Site(self.net, name, path) for name, path in configs.items()}
-        # TODO(issue 14, arbiter): this is where the two `hbmon run` processes with
-        # `[arbiter]` in their configs start.  Until hbmon's keeper and guard use the
-        # arbiter, `hbmon run` accepts the section and ignores it: A owns nothing in etcd,
-        # wait_owned() below fails with a clear message, and nothing else runs.  Once the
-        # keeper claims pairs at start, A must own every pair here (term 1) before the
-        # first fault.
+        # Issue 14: the two `hbmon run` processes with `[arbiter]` in their configs.  The
+        # runner was written before hbmon's keeper used the arbiter (then A owned nothing
+        # and wait_owned() stopped the schedule with a clear message); with the keeper
+        # wired in (main since de5f591) A claims every pair at start, term 1.
         for site in sites.values():
             site.start()
         for site in sites.values():
