@@ -37,8 +37,15 @@ Usage (root; etcd-server, etcd-client and iproute2 installed)::
     python bench/partitions.py --schedules 2 --seed 7 --without-arbiter  # today's split brain
 
 Prints the seed, each schedule, then per schedule: promotes, demotes, overlaps, fenced
-overlaps, tokens, takeover times (fault applied -> promote) and demote lead times (fault
-applied -> demote started); a summary at the end.  Exit status 1 on any violation.
+overlaps, tokens, takeover times (fault applied -> promote), demote lead times (fault
+applied -> demote started), the webhook's answers and pairs left without a primary (a
+liveness finding: e.g. A demoted and B was never allowed to take over); a summary at the
+end.  The folder of a schedule with an error, a violation, a pair without a primary or a
+traceback in a site log is kept.  Exit status 1 on any violation or error.
+
+With lease_ttl 3 s, etcd's default election (1 s timeout; 1.2-1.6 s measured) can outlast
+the owner's lease margin: killing the etcd member A's hbmon talks to first made A demote
+(no failover: B sees A alive).  ``--election-ms 500`` runs etcd faster.
 """
 
 from __future__ import annotations
@@ -410,6 +417,21 @@ class Result:
     def violations(self) -> int:
         return len(self.report.violations) if self.report is not None else 0
 
+    @property
+    def orphans(self) -> list[str]:
+        """Pairs with no primary at the end (a liveness finding, not a safety one)."""
+        if self.report is None:
+            return []
+        return sorted(
+            pair
+            for pair, ivs in self.report.intervals.items()
+            if not any(iv.end == float("inf") for iv in ivs)
+        )
+
+    @property
+    def anomalous(self) -> bool:
+        return bool(self.error or self.violations or self.orphans or self.site_problems)
+
     def line(self) -> str:
         if self.error is not None:
             return f"  -> ERROR {self.error.splitlines()[0]}"
@@ -430,6 +452,8 @@ class Result:
             parts.append("writes " + " ".join(self.probes))
         if self.answers:
             parts.append("webhook " + ",".join(f"{k}={v}" for k, v in sorted(self.answers.items())))
+        if self.orphans:
+            parts.append("no primary at the end: " + ",".join(self.orphans))
         if self.site_problems:
             parts.append(f"{len(self.site_problems)} tracebacks in site logs")
         return f"  -> {'; '.join(parts)} ({self.seconds:.0f} s)"
@@ -577,6 +601,7 @@ class Runner:
         elif fault.kind == "leader":
             lead = net.leader()
             if lead is not None:
+                mark(history, "lab", "note", killed_etcd_leader=lead)
                 net.kill_member(lead)
                 undo.append(lambda: net.start_member(lead))
 
@@ -602,12 +627,14 @@ class Runner:
             for n, step in enumerate(schedule.steps):
                 undo: list[Any] = []
                 applied.append(time.monotonic())
+                mark(history, "lab", "note", step=n, apply=str(step))
                 for fault in step.faults:
                     self.apply(fault, sites, history, undo)
                 self._mirror_follows_wan(mirror)
                 time.sleep(step.hold * self.timing.lease_ttl)
                 if self.etcd_only:
                     result.probes.append(f"{n}:" + self._probe())
+                mark(history, "lab", "note", step=n, undo=str(step))
                 for action in reversed(undo):
                     action()
                 self._mirror_follows_wan(mirror)
@@ -680,14 +707,17 @@ class Runner:
 
 
 @contextlib.contextmanager
-def _lab(keep: bool) -> Iterator[tuple[EtcdNet, Path]]:
+def _lab(keep: list[bool], election_ms: int | None) -> Iterator[tuple[EtcdNet, Path]]:
+    """The lab in a temporary folder, removed at the end unless ``keep[0]`` is True by
+    then (--keep, or a schedule with something to look at)."""
     root = Path(tempfile.mkdtemp(prefix="hbmon-partitions-"))
+    heartbeat = None if election_ms is None else max(10, election_ms // 10)
     try:
-        with etcd_cluster(root / "lab") as net:
+        with etcd_cluster(root / "lab", election_ms=election_ms, heartbeat_ms=heartbeat) as net:
             yield net, root
     finally:
-        if keep:
-            print(f"kept {root}")
+        if keep[0]:
+            print(f"kept {root} (each schedule's history.jsonl, configs, logs, journals)")
         else:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -708,6 +738,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--without-arbiter",
         action="store_true",
         help="no [arbiter], failover_without_arbiter = true: shows the split brain",
+    )
+    parser.add_argument(
+        "--election-ms",
+        type=int,
+        default=None,
+        help="etcd --election-timeout (heartbeat a tenth of it); default: etcd's 1000 ms",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
@@ -731,7 +767,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine_line(), flush=True)
     exit_on_sigterm()
     results: list[Result] = []
-    with _lab(args.keep) as (net, root):
+    keep = [bool(args.keep)]
+    with _lab(keep, args.election_ms) as (net, root):
         print(f"etcd cluster formed in {net.formed_in:.2f} s", flush=True)
         runner = Runner(
             net,
@@ -746,6 +783,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = runner.run(s)
             results.append(result)
             print(result.line(), flush=True)
+            if result.anomalous:
+                keep[0] = True
+                print(f"     (kept: {root / f's{s.index:04d}'})")
             if result.report is not None:
                 violations = result.report.violations
                 ordered = sorted(violations, key=lambda v: not v.startswith("overlap"))
@@ -765,8 +805,10 @@ def _summary(results: list[Result], seed: int) -> int:
     leads = [t for r in results for t in r.demote_leads]
     errors = [r for r in results if r.error is not None]
     violations = sum(r.violations for r in results)
+    orphans = sum(len(r.orphans) for r in results)
     line = (
         f"summary (seed {seed}): {len(results)} schedules, {len(errors)} errors, "
+        f"{orphans} pairs left without a primary, "
         f"{sum(r.overlaps for r in reports)} overlaps, {violations} violations, "
         f"{sum(len(r.fenced) for r in reports)} fenced, "
         f"{sum(len(r.promotes()) for r in reports)} promotes, "

@@ -24,7 +24,7 @@ The test or runner that injects faults adds site-wide marks (``pair`` null) with
 * ``pause`` / ``resume``: the site's host froze (SIGSTOP, a VM freeze) and thawed; its
   service could not act in between (``pause`` stamped once the process is stopped,
   ``resume`` just before SIGCONT);
-* ``restart`` and anything else: informational.
+* ``restart``, ``note`` (e.g. a fault applied or undone): informational.
 
 :func:`check` asserts the two safety properties of DESIGN.md "Arbiter":
 
@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 PAIR_EVENTS = ("promote", "demote")  # written by the scripts
-SITE_MARKS = ("crash", "pause", "resume", "restart")  # written by the fault injector
+SITE_MARKS = ("crash", "pause", "resume", "restart", "note")  # by the fault injector
 EVENTS = PAIR_EVENTS + SITE_MARKS
 
 _SCRIPT = '''#!{python} -IS
