@@ -106,6 +106,7 @@ class Keeper:
         # Told (pair, term) when the store hands this site a pair (a planned handover or
         # fail-back): the site runs that pair's failover command with the new term.
         self.on_gained: Callable[[str, int], None] | None = None
+        self._claiming: set[str] = set()  # take_over's claims in flight
 
     # -- what the others ask ------------------------------------------------------------
 
@@ -120,9 +121,13 @@ class Keeper:
         return False
 
     def owner_state(self, pair: str) -> OwnerState:
+        """What the arbiter says of the owner that writes ``pair``'s beats: ``alive`` while
+        another site holds it, ``gone`` when nobody does or this site took it over (the
+        writer it watched is gone), ``unknown`` while the view is not current."""
         if not self._current() or pair in self.book.foreign:
             return "unknown"
-        return "alive" if pair in self.book.owners else "gone"
+        owner = self.book.owners.get(pair)
+        return "alive" if owner is not None and owner.site != self.site else "gone"
 
     @property
     def takeover_wait(self) -> float:
@@ -427,7 +432,7 @@ class Keeper:
             if mine is None and pair in self._disowned:
                 return  # demoted here: never taken back by the keeper itself
             self._own(now)
-            if mine is None:
+            if mine is None and pair not in self._claiming:
                 log.warning("arbiter: %s was handed to this site (term %d)", pair, now.term)
                 if self.on_gained is not None:
                     self.on_gained(pair, now.term)
@@ -466,7 +471,11 @@ class Keeper:
                     raise Refusal("owner_taken", mine)
                 if holder is None or await self._deleted(holder, view.revision, deadline):
                     break
-            owner = await self._ask(self.store.claim, pair, self.site, lease)
+            self._claiming.add(pair)  # (its watch event is this claim, not a handover)
+            try:
+                owner = await self._ask(self.store.claim, pair, self.site, lease)
+            finally:
+                self._claiming.discard(pair)
             if lease != self.lease:
                 raise LeaseLost(f"lease {lease:x} was given up while {pair} was claimed")
         except OwnerTaken as err:
@@ -506,6 +515,17 @@ class Keeper:
     async def release(self, pair: str) -> None:
         """Demote ``pair`` here (journaled), then delete its owner key."""
         await self._ask(self.store.release, await self._drop(pair, "released by the operator"))
+
+    async def abandon(self, pair: str) -> None:
+        """The lab's dead host: ``pair``'s ownership ends as its own lease's expiry would
+        end it (its key deleted, no demote: a dead host runs nothing), and it is never
+        taken back by this keeper.  Only the demo's ``kill-host`` uses this."""
+        owner = self._owned.pop(pair, None)
+        if owner is None:
+            return
+        self._disowned.add(pair)
+        log.warning("arbiter: %s abandoned (the lab killed its host): key deleted", pair)
+        await self._ask(self.store.release, owner)
 
     async def hand_over(self, pair: str, site: str) -> int:
         """Demote ``pair`` here (journaled), then move it to ``site``; the new term."""
