@@ -71,6 +71,7 @@ from takeover import (
     Procs,
     hbmon_log,
     init_volume,
+    missing_tools,
     read_starts,
     toml_list,
     wait_until,
@@ -369,7 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--request-timeout", type=float)
     p.add_argument("--demote-budget", type=float)
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--runs", type=int, help="ignored (bench/run_all passes it to every bench)")
     args = p.parse_args(argv)
+    missing = missing_tools("etcd", "etcdctl")
+    if missing:
+        print(f"target 14 demote: skipped, not installed: {', '.join(missing)} (Debian "
+              "packages etcd-server, etcd-client)")
+        return 0
     trials = 3 if args.quick and args.trials == 10 else args.trials
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     timing = ArbiterTiming(args.lease_ttl, args.request_timeout, args.demote_budget)

@@ -159,6 +159,14 @@ def stop_process(proc: subprocess.Popen[Any]) -> None:
         proc.wait()
 
 
+def missing_tools(*names: str) -> list[str]:
+    """Which of the programs ``names`` are not on PATH (the alertmanager under either name)."""
+    found = {n: shutil.which(n) is not None for n in names}
+    if "prometheus-alertmanager" in found:
+        found["prometheus-alertmanager"] |= shutil.which("alertmanager") is not None
+    return [n for n, ok in found.items() if not ok]
+
+
 def wait_until(what: str, check: Any, timeout: float, every: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -714,6 +722,13 @@ class Lab:
                       if t >= beat and re.match(rf"pair {re.escape(pair)}: verdict \S+ -> "
                                                 r"(isolated|host_down)", msg)), None)  # fmt: skip
         ev["stale at B (verdict)"] = stale
+        # (the verdict turning host_down at B: once etcd deleted the owner key, if B's
+        # table judges the pair again then; n/a when it stays isolated)
+        ev["host_down at B (verdict)"] = next(
+            (t for t, msg in hbmon_log(self.b.log)
+             if t >= beat and re.match(rf"pair {re.escape(pair)}: verdict \S+ -> host_down", msg)),
+            None,
+        )  # fmt: skip
         assert self.watch is not None
         ev["owner key deleted"] = self.watch.first("DELETE", f"{self.prefix}/owner/{pair}", beat)
         instance = f'instance="127.0.0.1:{self.port_b}"'
@@ -754,6 +769,7 @@ ORDER = (
     "HbmonSiteIsolated firing",
     "HbmonHostDown firing",
     "owner key deleted",
+    "host_down at B (verdict)",
     "webhook call",
     "guard started",
     "promote",
@@ -800,7 +816,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--request-timeout", type=float)
     p.add_argument("--demote-budget", type=float)
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--runs", type=int, help="ignored (bench/run_all passes it to every bench)")
     args = p.parse_args(argv)
+    missing = missing_tools("etcd", "etcdctl", "prometheus", "prometheus-alertmanager")
+    if missing:
+        print(f"target 14 takeover: skipped, not installed: {', '.join(missing)} (Debian "
+              "packages etcd-server, etcd-client, prometheus, prometheus-alertmanager)")
+        return 0
     kills = 3 if args.quick and args.kills == 20 else args.kills
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     ov = Overrides(args.rule_for, args.group_wait, args.scrape_interval, args.evaluation_interval)
