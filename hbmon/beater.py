@@ -132,8 +132,12 @@ class Beater:
         write_timeout: float = 2.0,
         sender: NetSender | None = None,
         on_written: Callable[[str], None] | None = None,
+        owned: Callable[[str], bool] | None = None,
     ) -> None:
         self.table = table
+        # Asked before every beat (with an arbiter): may this site still serve the pair?
+        # When not, the record says ``standby`` instead of ``active``.
+        self.owned = owned
         self.clock = clock
         self.write_timeout = write_timeout
         self.sender = sender
@@ -197,7 +201,8 @@ class Beater:
                         later.append((due, seq, target))
                         continue
                     if not target.paused and not self.stopping:
-                        record = self._next_record(target, State.ACTIVE)
+                        owned = self.owned is None or self.owned(target.config.id)
+                        record = self._next_record(target, State.ACTIVE if owned else State.STANDBY)
                         self._send(target, BEAT, record)
                         if target.inflight:
                             if not target.hung:

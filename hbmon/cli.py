@@ -368,14 +368,22 @@ def _announce(args: argparse.Namespace, kind: str, record: Record) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from hbmon.config import load_config
+    from hbmon.config import load_config, warnings
 
     config = load_config(args.config)
     globs = ", ".join(g.pattern for g in config.watch_globs) or "none"
+    arbiter = (
+        f"arbiter {len(config.arbiter.endpoints)} endpoint(s), lease_ttl "
+        f"{config.arbiter.timing.lease_ttl:g} s"
+        if config.arbiter is not None
+        else "no arbiter"
+    )
     print(
         f"{args.config}: valid: site {config.site!r}, {len(config.beats)} beat(s), "
-        f"{len(config.watches)} watch(es), watch_glob patterns: {globs}"
+        f"{len(config.watches)} watch(es), watch_glob patterns: {globs}, {arbiter}"
     )
+    for warning in warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

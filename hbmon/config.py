@@ -303,11 +303,11 @@ def _timing(table: _Table, defaults: Timing) -> Timing:
 def _endpoint(value: Any) -> str:
     text = _text(value)
     scheme, sep, rest = text.partition("://")
+    if "/" in rest.rstrip("/"):
+        raise ValueError(f"{text!r}: give the etcd client URL without a path")
     host, colon, port = rest.rstrip("/").rpartition(":")
     if not sep or scheme not in ("http", "https") or not colon or not host or not port.isdigit():
         raise ValueError(f"{text!r} is not an etcd client URL (example: https://192.0.2.10:2379)")
-    if "/" in rest.rstrip("/"):
-        raise ValueError(f"{text!r}: give the etcd client URL without a path")
     return f"{scheme}://{rest.rstrip('/')}"
 
 
@@ -551,6 +551,41 @@ def _check_unique(config: SiteConfig) -> None:
                     f"{item.volume} slot {item.slot} is already used by {seen[where]}",
                 )
             seen[where] = f"{kind} {item.id!r}"
+
+
+def warnings(config: SiteConfig) -> list[str]:
+    """What ``hbmon config check`` warns of: valid, but probably not what is meant."""
+    out = []
+    watches: list[tuple[str, tuple[str, ...], bool]] = [
+        (f"watch[{i}] ({w.id!r})", w.failover, w.failover_without_arbiter)
+        for i, w in enumerate(config.watches)
+    ]
+    watches += [
+        (f"watch_glob[{i}] ({g.pattern!r})", g.failover, g.failover_without_arbiter)
+        for i, g in enumerate(config.watch_globs)
+    ]
+    for where, failover, without in watches:
+        if not failover:
+            continue
+        if config.arbiter is None and not without:
+            out.append(
+                f"{where}: has a failover command but there is no [arbiter]: every host_down "
+                "failover will be refused as no_arbiter (configure [arbiter], or set "
+                "failover_without_arbiter = true to accept the risk of two primaries)"
+            )
+        elif config.arbiter is None:
+            out.append(
+                f"{where}: failover_without_arbiter = true: a cut between the sites looks "
+                "exactly like a dead site and will end in two primaries"
+            )
+    if config.arbiter is not None:
+        for i, beat in enumerate(config.beats):
+            if not beat.demote:
+                out.append(
+                    f"beat[{i}] ({beat.id!r}): no demote command: when this site loses its "
+                    "lease, nothing stops the service here before another site takes it over"
+                )
+    return out
 
 
 def load_config(path: str | Path) -> SiteConfig:

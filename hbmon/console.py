@@ -15,6 +15,8 @@ def format_status(doc: dict[str, Any], limit: int | None = None) -> str:
     for r in shown:
         wt, age = r.get("writer_time"), r.get("age")
         notes = [r.get(k) for k in ("detail", "note", "timing_note", "verdict_note")]
+        if r.get("owner") is not None:
+            notes.insert(0, f"owner {r['owner']} term {r.get('term')}")
         rows.append(
             (
                 r["pair"],
@@ -38,4 +40,19 @@ def format_status(doc: dict[str, Any], limit: int | None = None) -> str:
         lines.append(f"... {more} more row(s)")
     total = len(doc["rows"])
     lines.append(f"site {doc.get('site')}: {total} row(s): {counts or 'nothing watched'}")
+    arbiter = doc.get("arbiter")
+    if arbiter is not None:
+        lines.append(format_arbiter(arbiter))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def format_arbiter(arbiter: dict[str, Any]) -> str:
+    """One line on the site's standing with the arbiter."""
+    up = "up" if arbiter.get("up") else "DOWN"
+    owned = arbiter.get("owned") or []
+    lease = arbiter.get("lease")
+    left = arbiter.get("lease_remaining")
+    held = (
+        f"lease {lease:x}, {left:.1f} s left" if isinstance(lease, int) and left else "no lease"
+    )
+    return f"arbiter {up}: {held}; owns {len(owned)} pair(s)"

@@ -12,6 +12,16 @@ Alertmanager says "HbmonHostDown is firing for pair P"; the guard decides:
   clean environment (:func:`command_env`): nothing of the daemon's environment leaks
   into it.
 
+With an arbiter (``[arbiter]``, DESIGN.md "Arbiter") a pair whose every path is stale
+(verdict ``host_down``, or ``isolated`` while the owner's lease still lives) is only a
+candidate: the guard answers Alertmanager at once and, in the background under the root
+task group, asks the arbiter to wait for the old owner's key to be deleted by etcd and to
+grant this site the pair with a higher term.  Only then is ``started`` journaled, with
+that term as the fencing token, and the command run with ``HBMON_FENCING_TOKEN``.  The
+arbiter's refusals (``owner_alive``, ``no_quorum``, ``owner_taken``) are journaled and
+counted like the guard's own.  Without an arbiter a ``host_down`` failover is refused as
+``no_arbiter`` unless the pair opts in with ``failover_without_arbiter = true``.
+
 Every decision is appended to a journal as one JSON line and fsync'ed, before the
 command starts and after it ends, so hold-downs survive restarts and every action can
 be audited.  ``hbmon_failover_total{pair,result}`` counts the decisions.
@@ -36,12 +46,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
+from hbmon.arbiter.base import Refusal
 from hbmon.clock import BootStamp, Clock, boot_stamp
 from hbmon.status import StatusTable
 
@@ -49,33 +60,53 @@ log = logging.getLogger(__name__)
 
 Result = Literal["executed", "refused", "failed", "timed_out"]
 RESULTS: tuple[Result, ...] = get_args(Result)
-#: Why the guard decided as it did: ``host_down`` acts, every other code is a refusal.
+#: Why the guard decided as it did: ``host_down`` and ``isolated`` act (the latter only
+#: once the arbiter lets it), every other code is a refusal.
 Code = Literal[
     "host_down",
+    "isolated",
     "unknown_pair",
     "no_command",
     "table_disagrees",
     "single_path",
     "running",
     "hold_down",
+    "no_arbiter",
+    "owner_alive",
+    "no_quorum",
+    "owner_taken",
 ]
 CODES: tuple[Code, ...] = get_args(Code)
+ACTING: frozenset[Code] = frozenset({"host_down", "isolated"})
 JOURNAL_NAME = "failover.jsonl"
 OUTPUT_LIMIT = 4096  # bytes of the command's output kept in the journal
 #: The search path of a failover command (systemd's default for services).
 COMMAND_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def command_env(pair: str, site: str, reason: str) -> dict[str, str]:
-    """The whole environment of a failover command: a fixed ``PATH`` and ``LANG`` and
-    what the failover is about.  Nothing is inherited from the daemon."""
-    return {
+def command_env(pair: str, site: str, reason: str, token: int | None = None) -> dict[str, str]:
+    """The whole environment of a failover (or demote) command: a fixed ``PATH`` and
+    ``LANG``, what the failover is about and, with an arbiter, the fencing token.  Nothing
+    is inherited from the daemon."""
+    env = {
         "PATH": COMMAND_PATH,
         "LANG": "C.UTF-8",
         "HBMON_PAIR": pair,
         "HBMON_SITE": site,
         "HBMON_REASON": reason,
     }
+    if token is not None:
+        env["HBMON_FENCING_TOKEN"] = str(token)
+    return env
+
+
+class Candidate(Protocol):
+    """The arbiter as the guard sees it (:class:`hbmon.arbiter.keeper.Keeper`)."""
+
+    async def take_over(self, pair: str, wait: float) -> int:
+        """Wait up to ``wait`` seconds for etcd to delete the owner key of ``pair``, then
+        take it with a higher term; the term (fencing token), or raise Refusal."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -89,7 +120,7 @@ class Decision:
 
     @property
     def act(self) -> bool:
-        return self.code == "host_down"
+        return self.code in ACTING
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -201,8 +232,12 @@ class FailoverGuard:
         hold_down: float = 600.0,
         timeout: float = 60.0,
         boot: Callable[[], BootStamp] = boot_stamp,
+        arbiter: Candidate | None = None,
+        arbiter_wait: float = 17.0,
     ) -> None:
         self.table = table
+        self.arbiter = arbiter
+        self.arbiter_wait = arbiter_wait  # lease_ttl + election timeout + margin
         self.clock = clock
         self.journal = journal
         self.hold_down = hold_down
@@ -234,7 +269,7 @@ class FailoverGuard:
             )
         verdict = pair.judge(self.clock.monotonic())
         states = ", ".join(f"{p} {r.state}" for p, r in sorted(pair.rows.items()))
-        if verdict != "host_down":
+        if verdict not in ACTING or (verdict == "isolated" and self.arbiter is None):
             return Decision(
                 pair_id, "table_disagrees", f"hbmon's table disagrees: verdict {verdict} ({states})"
             )
@@ -257,40 +292,121 @@ class FailoverGuard:
                     f"hold-down: the last failover started {since:.0f} s ago "
                     f"(hold_down {self.hold_down:.0f} s)",
                 )
+        if self.arbiter is None:
+            if not pair.failover_without_arbiter:
+                return Decision(
+                    pair_id,
+                    "no_arbiter",
+                    f"every path is stale ({states}), but without an arbiter a dead site "
+                    "cannot be told from a cut between the sites; configure [arbiter], or "
+                    "set failover_without_arbiter = true to accept the risk of two primaries",
+                )
+            return Decision(
+                pair_id,
+                "host_down",
+                f"host_down on every configured path ({states}); no arbiter "
+                "(failover_without_arbiter = true)",
+                pair.failover,
+            )
+        if verdict == "isolated":
+            return Decision(
+                pair_id,
+                "isolated",
+                f"every path is stale ({states}) but the owner's lease was alive: waiting up "
+                f"to {self.arbiter_wait:g} s for the arbiter to let it expire",
+                pair.failover,
+            )
         return Decision(
-            pair_id, "host_down", f"host_down on every configured path ({states})", pair.failover
+            pair_id,
+            "host_down",
+            f"host_down on every configured path ({states}) and the owner is gone from "
+            "the arbiter",
+            pair.failover,
         )
 
     async def on_alert(self, pair_id: str, task_group: anyio.abc.TaskGroup) -> Decision:
-        """A firing HbmonHostDown notification: decide, journal, and start the command."""
+        """A firing notification: decide, journal, and start the command.
+
+        With an arbiter the answer comes at once; the wait for the arbiter and the
+        command run in ``task_group``, and a repeated notification meanwhile is refused
+        as ``running``."""
         decision = self.decide(pair_id)
         if not decision.act:
-            # A name from the request that is not a watched pair gets no series of its own.
-            counted = pair_id if pair_id in self.table.pairs else "(unknown)"
-            self.counts[(counted, "refused")] += 1
-            await self._journal({"event": "refused", **decision.as_dict()})
-            log.warning("failover of %s refused: %s", pair_id, decision.reason)
+            await self._refuse(decision)
             return decision
         self.running.add(pair_id)
-        now, stamp = self.clock.monotonic(), self.boot()
+        if self.arbiter is not None:
+            task_group.start_soon(self._take_over, decision, self.arbiter)
+            return decision
         try:
-            await self._journal(
-                {
-                    "event": "started",
-                    "boot_id": stamp.boot_id,
-                    "since_boot": stamp.since_boot,
-                    **decision.as_dict(),
-                }
-            )
+            await self._start(decision, None)
         except BaseException:  # not journaled: not started, and nothing held down
             self.running.discard(pair_id)
             raise
-        self.last_started[pair_id] = now
-        log.warning("failover of %s: running %s", pair_id, " ".join(decision.command))
-        task_group.start_soon(self._execute, decision)
+        task_group.start_soon(self._execute, decision, None)
         return decision
 
-    async def _execute(self, decision: Decision) -> None:
+    async def _refuse(self, decision: Decision) -> None:
+        pair_id = decision.pair
+        # A name from the request that is not a watched pair gets no series of its own.
+        counted = pair_id if pair_id in self.table.pairs else "(unknown)"
+        self.counts[(counted, "refused")] += 1
+        await self._journal({"event": "refused", **decision.as_dict()})
+        log.warning("failover of %s refused: %s", pair_id, decision.reason)
+
+    async def _take_over(self, decision: Decision, arbiter: Candidate) -> None:
+        """In the background: the arbiter's vote, then the command (or a refusal)."""
+        pair = decision.pair
+        try:
+            try:
+                token = await arbiter.take_over(pair, self.arbiter_wait)
+            except Refusal as refusal:
+                refused = Decision(pair, refusal.code, refusal.reason, decision.command)
+                with contextlib.suppress(OSError):  # counted and logged by _journal
+                    await self._refuse(refused)
+                return
+            granted = Decision(
+                pair,
+                decision.code,
+                f"{decision.reason}; the arbiter granted term {token}",
+                decision.command,
+            )
+            try:
+                await self._start(granted, token)
+            except OSError as err:
+                log.error(
+                    "failover of %s: term %d granted but the start could not be journaled "
+                    "(%s): not run",
+                    pair,
+                    token,
+                    err,
+                )
+                return
+            await self._execute(granted, token)
+        finally:
+            self.running.discard(pair)
+
+    async def _start(self, decision: Decision, token: int | None) -> None:
+        """Journal ``started`` (with the fencing token) and arm the hold-down."""
+        now, stamp = self.clock.monotonic(), self.boot()
+        entry: dict[str, Any] = {
+            "event": "started",
+            "boot_id": stamp.boot_id,
+            "since_boot": stamp.since_boot,
+            **decision.as_dict(),
+        }
+        if token is not None:
+            entry["token"] = token
+        await self._journal(entry)
+        self.last_started[decision.pair] = now
+        log.warning(
+            "failover of %s: running %s%s",
+            decision.pair,
+            " ".join(decision.command),
+            "" if token is None else f" (fencing token {token})",
+        )
+
+    async def _execute(self, decision: Decision, token: int | None) -> None:
         pair = decision.pair
         started = self.clock.monotonic()
         entry: dict[str, Any] = {
@@ -298,10 +414,12 @@ class FailoverGuard:
             "command": list(decision.command),
             "reason": decision.reason,
         }
+        if token is not None:
+            entry["token"] = token
         result: Result
         try:
             with anyio.fail_after(self.timeout):
-                env = command_env(pair, self.table.site, decision.reason)
+                env = command_env(pair, self.table.site, decision.reason, token)
                 code, output = await run_command(decision.command, env)
         except TimeoutError:
             result = "timed_out"

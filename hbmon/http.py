@@ -64,8 +64,10 @@ class HttpApi:
         table: StatusTable,
         registry: CollectorRegistry,
         poller: Callable[[], PollerStatistics],
+        arbiter: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.table = table
+        self.arbiter = arbiter  # the keeper's status(): owners, terms, lease (None: none)
         self.poller = poller  # the poller's statistics(): lag, stuck workers, last tick
         self.registry = registry  # site-wide families; the pairs are rendered by Renderer
         self.renderer = Renderer(table, registry)
@@ -147,7 +149,15 @@ class HttpApi:
         counts: dict[str, int] = {}
         for row in rows:
             counts[str(row["state"])] = counts.get(str(row["state"]), 0) + 1
+        arbiter = self.arbiter() if self.arbiter is not None else None
+        if arbiter is not None:
+            owners = arbiter.get("pairs", {})
+            for row in rows:
+                seen = owners.get(row["pair"])
+                row["owner"] = None if seen is None else seen.get("owner")
+                row["term"] = None if seen is None else seen.get("term")
         return {
+            "arbiter": arbiter,
             "site": table.site,
             "version": __version__,
             "generated_at": time.time(),

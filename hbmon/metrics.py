@@ -20,6 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from hbmon import __version__
+from hbmon.arbiter.base import ArbiterStatistics
 from hbmon.failover import RESULTS, GuardStatistics
 from hbmon.netbeat import REJECT_REASONS, NetStatistics
 from hbmon.poller import PollerStatistics
@@ -146,6 +147,12 @@ class Components:
     poller: Callable[[], PollerStatistics] | None = None
     listener: Callable[[], NetStatistics] | None = None
     guard: Callable[[], GuardStatistics] | None = None
+    arbiter: Callable[[], ArbiterStatistics] | None = None  # None: no [arbiter]
+    beats: Callable[[], Iterable[str]] | None = None  # the pairs this site beats
+
+
+#: The results of a demote command (``hbmon_demote_total{pair,result}``).
+DEMOTE_RESULTS = ("executed", "failed", "timed_out", "no_command")
 
 
 class SiteCollector(Collector):
@@ -242,6 +249,8 @@ class SiteCollector(Collector):
         yield written
         yield write_errors
         yield sent
+        if parts.arbiter is not None:
+            yield from _arbiter_families(parts.arbiter(), table, parts.beats)
 
         info = GaugeMetricFamily(
             "hbmon_build_info",
@@ -250,6 +259,52 @@ class SiteCollector(Collector):
         )
         info.add_metric([__version__, table.site, polls.io_backend], 1.0)
         yield info
+
+
+def _arbiter_families(
+    stats: ArbiterStatistics, table: StatusTable, beats: Callable[[], Iterable[str]] | None
+) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "hbmon_arbiter_up",
+        "1 while a linearizable request to the arbiter succeeded within lease_ttl / 3",
+        value=float(stats.up),
+    )
+    yield GaugeMetricFamily(
+        "hbmon_arbiter_lease_remaining_seconds",
+        "This site's own lease, counted from the send time of its last successful renewal",
+        value=stats.lease_remaining,
+    )
+    yield CounterMetricFamily(
+        "hbmon_arbiter_requests",
+        "Requests sent to the arbiter (steady state: independent of the number of pairs)",
+        value=stats.requests,
+    )
+    owned = GaugeMetricFamily(
+        "hbmon_pair_owned", "1 where this site owns the pair", labels=["pair"]
+    )
+    beaten = sorted({*(beats() if beats is not None else ()), *stats.owned})
+    for pair in beaten:
+        owned.add_metric([pair], float(pair in stats.owned))
+    yield owned
+    terms = GaugeMetricFamily(
+        "hbmon_pair_owner_term",
+        "The pair's current term (fencing token) as last seen at the arbiter",
+        labels=["pair"],
+    )
+    for pair in sorted({*beaten, *table.pairs}):
+        if pair in stats.terms:
+            terms.add_metric([pair], float(stats.terms[pair]))
+    yield terms
+    demotes = CounterMetricFamily(
+        "hbmon_demote", "Demote commands run, by result", labels=["pair", "result"]
+    )
+    counts = dict(stats.demotes)
+    for pair in beaten:  # zeros first, so increase() sees the first one
+        for result in DEMOTE_RESULTS:
+            counts.setdefault((pair, result), 0)
+    for (pair, result), count in sorted(counts.items()):
+        demotes.add_metric([pair, result], count)
+    yield demotes
 
 
 def _bound(bound: float) -> str:

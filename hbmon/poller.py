@@ -205,7 +205,14 @@ class Poller:
         self.reopen_after = config.reopen
         for w in config.watches:
             self.watch(
-                w.id, str(w.volume), w.slot, w.method, w.timing, w.failover, w.failover_single_path
+                w.id,
+                str(w.volume),
+                w.slot,
+                w.method,
+                w.timing,
+                w.failover,
+                w.failover_single_path,
+                w.failover_without_arbiter,
             )
         self.globs = config.watch_globs
 
@@ -218,6 +225,7 @@ class Poller:
         timing: Timing,
         failover: tuple[str, ...] = (),
         failover_single_path: bool = False,
+        failover_without_arbiter: bool = False,
     ) -> None:
         existing = self.targets.get(pair)
         if existing is not None and (
@@ -233,6 +241,7 @@ class Poller:
             slot=slot,
             failover=failover,
             failover_single_path=failover_single_path,
+            failover_without_arbiter=failover_without_arbiter,
         )
         if method == "network":
             return
@@ -320,6 +329,7 @@ class Poller:
                         g.timing,
                         g.failover,
                         g.failover_single_path,
+                        g.failover_without_arbiter,
                     )
             paths = set(matches.values())
             gone = [(p, t) for p, t in self.targets.items() if t.path not in paths]

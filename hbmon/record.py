@@ -5,7 +5,7 @@ Layout (little-endian), documented for operators in ``docs/format.md``::
     off size field
       0    8 magic           b"HBMONREC"
       8    2 version         1
-     10    1 state           1 active, 2 stopping, 3 retired
+     10    1 state           1 active, 2 stopping, 3 retired, 4 standby (not the owner)
      11    1 reserved        0
      12    4 interval_ms     the writer's declared beat interval
      16    8 incarnation     random per writer start (never 0 for a writer)
@@ -64,6 +64,7 @@ class State(enum.IntEnum):
     ACTIVE = 1
     STOPPING = 2
     RETIRED = 3
+    STANDBY = 4  # the writer runs but does not own the pair (the arbiter says so)
 
     @property
     def label(self) -> str:
@@ -176,7 +177,7 @@ def decode(data: bytes | bytearray | memoryview, expected_id: str | None = None)
         raise RecordError("checksum_mismatch", f"stored crc {crc:#010x}, computed {actual:#010x}")
     record_state = _STATES.get(state)
     if record_state is None:
-        raise RecordError("malformed", f"state {state} is not 1, 2 or 3")
+        raise RecordError("malformed", f"state {state} is not 1, 2, 3 or 4")
     if (
         not 1 <= id_len <= MAX_ID_BYTES
         or reserved

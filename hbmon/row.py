@@ -33,7 +33,8 @@ _WORST_FIRST: tuple[PathState, ...] = (
 SEVERITY = {s: i for i, s in enumerate(_WORST_FIRST)}
 _PROBLEM_STATES: frozenset[PathState] = frozenset({"invalid", "io_error", "io_hung"})
 _KEEP_INCARNATIONS = 8
-_FINAL = (State.RETIRED, State.STOPPING)
+_FINAL = (State.RETIRED, State.STOPPING, State.STANDBY)
+_NOT_SERVING = (State.STOPPING, State.STANDBY)  # a writer that says it serves nothing
 _NOT_EXPECTING: frozenset[PathState] = frozenset({"awaiting", "stopped", "retired"})
 
 
@@ -341,7 +342,7 @@ class PathRow:
             return self.problem
         if self.record_state is State.RETIRED:
             return "retired"
-        if self.record_state is State.STOPPING:
+        if self.record_state in _NOT_SERVING:
             return "stopped"
         t = self.timing
         if self.last_change is None:

@@ -31,6 +31,7 @@ import bisect
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ from hbmon.changes import ChangeLog
 from hbmon.clock import Clock
 from hbmon.config import Timing
 from hbmon.row import FAILED, PATHS, SEVERITY, STATES, PathRow
-from hbmon.verdict import FRESH, Verdict, single_path_note, verdict
+from hbmon.verdict import FRESH, OwnerState, Verdict, single_path_note, verdict
 from hbmon.wheel import Wheel
 
 __all__ = [
@@ -76,9 +77,11 @@ class Pair:
     slot: int = 0
     failover: tuple[str, ...] = ()
     failover_single_path: bool = False
+    failover_without_arbiter: bool = False
     rows: dict[str, PathRow] = field(default_factory=dict)
     verdict: Verdict = "unknown"
     changes: ChangeLog | None = None  # the table's bounded log of changes
+    owner: Callable[[str], OwnerState] | None = None  # the arbiter's word (None: no arbiter)
 
     def judge(self, now: float) -> Verdict:
         """Evaluate every path at ``now`` and derive the verdict (changes are logged)."""
@@ -89,7 +92,10 @@ class Pair:
     def rejudge(self, now: float) -> Verdict:
         """Derive the verdict from the paths' current states (changes are logged)."""
         before = self.verdict
-        self.verdict = verdict({p: r.state for p, r in self.rows.items()}, self.ahead(now))
+        owner = None if self.owner is None else self.owner(self.id)
+        self.verdict = verdict(
+            {p: r.state for p, r in self.rows.items()}, self.ahead(now), owner
+        )
         if self.verdict != before:
             note = self.verdict_note
             args = (self.id, before, self.verdict, f" ({note})" * bool(note))
@@ -219,6 +225,8 @@ class StatusTable:
         self.started = clock.monotonic()
         self.changes = ChangeLog(log)
         self.generation = 0  # bumped whenever pairs or their paths change (renderer caches)
+        # What the arbiter says of each pair's owner (set by the site when it has one).
+        self.owner: Callable[[str], OwnerState] | None = None
 
     def add_pair(
         self,
@@ -230,6 +238,7 @@ class StatusTable:
         slot: int = 0,
         failover: tuple[str, ...] = (),
         failover_single_path: bool = False,
+        failover_without_arbiter: bool = False,
     ) -> Pair:
         """Add a pair (or update its policy, keeping its rows) and create its rows."""
         self.generation += 1
@@ -238,10 +247,12 @@ class StatusTable:
         if pair is None:
             pair = self.pairs[pair_id] = Pair(pair_id, method, timing, volume, slot, failover)
             pair.changes = self.changes
+            pair.owner = self.owner
         else:
             pair.method, pair.timing, pair.volume, pair.slot = method, timing, volume, slot
             pair.failover = failover
         pair.failover_single_path = failover_single_path
+        pair.failover_without_arbiter = failover_without_arbiter
         wanted = PATHS if method == "both" else (method,)
         for path in wanted:
             row = pair.rows.get(path)
@@ -263,6 +274,19 @@ class StatusTable:
                 del pair.rows[path]
         pair.rejudge(now)
         return pair
+
+    def set_owner_source(self, owner: Callable[[str], OwnerState] | None) -> None:
+        """Judge "every path stale" by what ``owner`` says of each pair's owner (the
+        arbiter's view, DESIGN.md "Arbiter"); None: no arbiter."""
+        self.owner = owner
+        for pair in self.pairs.values():
+            pair.owner = owner
+
+    def rejudge(self, pair_id: str) -> None:
+        """The arbiter's view of ``pair_id`` changed: derive its verdict again now."""
+        pair = self.pairs.get(pair_id)
+        if pair is not None:
+            pair.rejudge(self.clock.monotonic())
 
     def remove_pair(self, pair_id: str) -> None:
         self.generation += 1

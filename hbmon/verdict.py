@@ -15,6 +15,11 @@ anything else          fresh                  ``degraded``
 neither fresh nor both stale                  ``unknown``
 =====================  =====================  ======================
 
+With an arbiter, "every path stale" is ``host_down`` only once the owner of the pair is
+gone from the arbiter (its lease expired: etcd deleted its owner key).  While the
+owner's lease is alive, or while this site cannot ask the arbiter, it is ``isolated``: a
+cut between the sites, not a death, and never a reason to fail over.
+
 ``fresh`` is ``alive`` or ``late``.  A pair checked on one path only says ``alive`` or
 ``host_down`` from that path alone; :func:`single_path_note` says why that ``host_down``
 may be a broken link instead.  Lifecycle verdicts come first: ``retired`` when any path
@@ -45,6 +50,7 @@ PathState = Literal[
 Verdict = Literal[
     "alive",
     "host_down",
+    "isolated",
     "network_partition",
     "link_down",
     "degraded",
@@ -57,12 +63,24 @@ PATHS: tuple[PathName, ...] = get_args(PathName)
 STATES: tuple[PathState, ...] = get_args(PathState)
 VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 
+#: What the arbiter says of a pair's owner: its lease is alive, it is gone, or this site
+#: cannot tell (the arbiter is not reachable, or its view is not current).
+OwnerState = Literal["alive", "gone", "unknown"]
+
 #: Path states that count as fresh.
 FRESH: frozenset[PathState] = frozenset({"alive", "late"})
 
 
-def verdict(states: Mapping[str, PathState], ahead: Collection[str] | None = None) -> Verdict:
+def verdict(
+    states: Mapping[str, PathState],
+    ahead: Collection[str] | None = None,
+    owner: OwnerState | None = None,
+) -> Verdict:
     """The verdict for a pair whose configured paths are in ``states`` (path -> state).
+
+    ``owner`` is what the arbiter says of the pair's owner (None: no arbiter): every path
+    stale is ``host_down`` only when the owner is ``gone`` (or there is no arbiter), else
+    ``isolated``.
 
     ``ahead`` names the path whose newest beat is newer than the other's (the evidence
     that the host outlived the silent path).  When it is given, a partition or a broken
@@ -84,7 +102,7 @@ def verdict(states: Mapping[str, PathState], ahead: Collection[str] | None = Non
     if len(fresh) == len(states):
         return "alive"
     if len(stale) == len(states):
-        return "host_down"
+        return "host_down" if owner in (None, "gone") else "isolated"
     if len(states) == 2:
         if fresh == {"volume"} and stale == {"network"} and (ahead is None or "volume" in ahead):
             return "network_partition"

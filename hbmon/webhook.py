@@ -6,9 +6,10 @@ clear message for a body that is not an Alertmanager notification, 413 for a bod
 every connection has already presented a verified certificate in the TLS handshake; the
 bearer token is then still required when ``[webhook] token_file`` is set, and the
 certificate alone is the credential when it is not.
-Each firing ``HbmonHostDown`` alert with a ``pair`` label goes to the guard, which
-decides on its own table; resolved and other alerts are acknowledged and ignored, so
-repeated and resolved notifications are idempotent.
+Each firing ``HbmonHostDown`` or ``HbmonSiteIsolated`` alert with a ``pair`` label goes
+to the guard, which decides on its own table (and, with an arbiter, waits for it in the
+background: the answer comes at once); resolved and other alerts are acknowledged and
+ignored, so repeated and resolved notifications are idempotent.
 ``GET /api/v1/failover/{pair}`` answers what an alert would cause now (a dry run).
 """
 
@@ -28,7 +29,9 @@ from hbmon.tls import peer_certificate
 
 log = logging.getLogger(__name__)
 
-ALERT_NAME = "HbmonHostDown"
+#: The alerts that ask for a failover: every path of the pair is stale (with an arbiter,
+#: HbmonSiteIsolated while the owner's lease is alive: the guard waits for it to expire).
+ALERT_NAMES = frozenset({"HbmonHostDown", "HbmonSiteIsolated"})
 MAX_BODY = 1 << 20
 
 
@@ -103,7 +106,7 @@ class Webhook:
         for alert in alerts:
             labels = alert["labels"]
             name, pair = labels.get("alertname"), labels.get("pair")
-            if name != ALERT_NAME or alert["status"] != "firing":
+            if name not in ALERT_NAMES or alert["status"] != "firing":
                 decisions.append({"alert": name, "pair": pair, "action": "ignored"})
                 continue
             if not isinstance(pair, str) or not pair:

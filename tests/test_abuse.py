@@ -65,6 +65,7 @@ token_file = "{token}"
 id = "db1"
 volume = "{vol}"
 failover = {json.dumps(command)}
+failover_without_arbiter = true
 failover_single_path = true
 """
 
@@ -265,7 +266,8 @@ json.dump({"env": dict(os.environ), "argv": sys.argv[2:], "stdin": sys.stdin.rea
 def quiet_table(clock: FakeClock, command: tuple[str, ...]) -> StatusTable:
     """Pair db1 on both paths: two beats, then silence (host_down after 5 s)."""
     table = StatusTable(clock, site="tokyo")
-    table.add_pair("db1", "both", Timing(interval=1.0, miss_threshold=3), failover=command)
+    timing = Timing(interval=1.0, miss_threshold=3)
+    table.add_pair("db1", "both", timing, failover=command, failover_without_arbiter=True)
     for row in table.pairs["db1"].rows.values():
         for serial in (1, 2):
             row.observe_record(Record("db1", 9, serial, clock.wall(), 1.0), clock.monotonic(), 0)
@@ -300,7 +302,8 @@ async def test_failover_command_gets_a_clean_environment_and_no_shell(
         "LANG": "C.UTF-8",
         "HBMON_PAIR": "db1",
         "HBMON_SITE": "tokyo",
-        "HBMON_REASON": "host_down on every configured path (network stale, volume stale)",
+        "HBMON_REASON": "host_down on every configured path (network stale, volume stale); "
+        "no arbiter (failover_without_arbiter = true)",
     }
     assert seen["argv"] == tricks  # passed as they are: no shell expanded anything
     assert not pwned.exists()
@@ -445,6 +448,7 @@ method = "volume"
 id = "db1"
 volume = "{vol}"
 failover = ["/bin/true"]
+failover_without_arbiter = true
 """
     with running_site(config, tmp_path) as site:
         status, text = request(site, notification(alert("db1")), GOOD)

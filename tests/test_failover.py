@@ -29,7 +29,7 @@ def make_table(clock: FakeClock, marker: Path, **pairs: str) -> StatusTable:
     table = StatusTable(clock, site="tokyo")
     for pair, method in pairs.items():
         command = (sys.executable, "-c", f"open({str(marker)!r}, 'a').write('{pair}\\n')")
-        table.add_pair(pair, method, TIMING, failover=command)
+        table.add_pair(pair, method, TIMING, failover=command, failover_without_arbiter=True)
         for row in table.pairs[pair].rows.values():
             row.observe_record(Record(pair, 9, 1, clock.wall(), 1.0), clock.monotonic(), 0.0)
             row.observe_record(Record(pair, 9, 2, clock.wall(), 1.0), clock.monotonic(), 0.0)

@@ -127,6 +127,7 @@ failover_timeout = "10s"
 id = "{PAIR}"
 volume = {json.dumps(str(self.svol))}
 failover = {json.dumps(command)}
+failover_without_arbiter = true
 """
         # The other site's configuration: for `hbmon volume init/retire -c` (they announce
         # to its [[beat]]'s peers) and for the real writer of the planned stop.

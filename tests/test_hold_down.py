@@ -50,7 +50,7 @@ def dead_pair(clock: FakeClock, marker: Path) -> StatusTable:
     """A pair that beat twice on both paths and went silent long enough to be host_down."""
     table = StatusTable(clock, site="tokyo")
     command = (sys.executable, "-c", f"open({str(marker)!r}, 'a').write('ran\\n')")
-    table.add_pair("db1", "both", TIMING, failover=command)
+    table.add_pair("db1", "both", TIMING, failover=command, failover_without_arbiter=True)
     for row in table.pairs["db1"].rows.values():
         for serial in (1, 2):
             row.observe_record(Record("db1", 9, serial, clock.wall(), 1.0), clock.monotonic(), 0.0)
@@ -244,6 +244,7 @@ hold_down = "{hold_down}"
 id = "db1"
 volume = "{tmp_path / "db1.vol"}"
 failover = {json.dumps(command)}
+failover_without_arbiter = true
 failover_single_path = true
 """
 

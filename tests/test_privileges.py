@@ -126,6 +126,7 @@ volume = "{mine}"
 id = "db1"
 volume = "{mine}"
 failover = ["/bin/true"]
+failover_without_arbiter = true
 
 [[watch]]
 id = "db2"

@@ -48,6 +48,7 @@ failover_timeout = "{timeout}"
 id = "db1"
 volume = "{vol}"
 failover = {json.dumps(command)}
+failover_without_arbiter = true
 failover_single_path = true
 """
 

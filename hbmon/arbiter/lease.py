@@ -28,6 +28,9 @@ from hbmon.clock import Clock
 
 MARGIN = 1.0  # seconds; see the module docstring
 MIN_TTL = 2.0
+#: etcd's default --election-timeout: a leader lost while a lease runs out delays the
+#: expiry by about this much (the new leader then counts the lease afresh).
+ELECTION_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,12 @@ class LeaseTiming:
     def needed(self) -> float:
         """The least ``lease_ttl`` the other three numbers can be safe with."""
         return self.renew_every + 2 * self.request_timeout + self.demote_budget + MARGIN
+
+    @property
+    def takeover_wait(self) -> float:
+        """How long a candidate waits for etcd to delete a live owner's key: a lease
+        renewed just before the cut, plus an election, plus the margin."""
+        return self.lease_ttl + ELECTION_TIMEOUT + MARGIN
 
     def problem(self) -> str | None:
         """Why this timing cannot be safe, naming the keys, or None."""
