@@ -13,8 +13,18 @@ in production:
 ``corrupt PAIR``            the SVOL record is damaged
 ``hang-read PAIR``          the watcher's reads of PAIR's SVOL block (a FIFO nobody writes)
 ``truncate PAIR``           the SVOL file ends inside PAIR's slot (later slots are cut too)
+``isolate-site SITE``       every link of SITE: the remote copy and network beats between
+                            the sites, and its etcd links to the other site and the witness
+``cut-wan``                 the links between the sites only (remote copy, network beats,
+                            etcd osaka-tokyo); the witness stays reachable from both
+``isolate-witness``         the witness's etcd links to both sites
+``pause-site SITE SECONDS`` every timed loop of SITE stops for SECONDS (beats, polls,
+                            timers, lease renewals), as in a frozen VM; then it resumes
 ``heal``                    all of the above undone; killed hosts restart
 ==========================  =========================================================
+
+The etcd links (:class:`hbmon.cluster.Links`) exist when the demo runs its etcd cluster;
+without it ``isolate-site`` and ``cut-wan`` cut the copy and the network beats only.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import tempfile
 import urllib.error
@@ -31,8 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 from aiohttp import web
 
+from hbmon.clock import SystemClock
+from hbmon.cluster import Links
 from hbmon.errors import HbmonError, UsageError
 from hbmon.mirror import RemoteCopy
 from hbmon.site import Site
@@ -46,19 +60,64 @@ ACTIONS = {
     "corrupt": "pair",
     "hang-read": "pair",
     "truncate": "pair",
+    "isolate-site": "site",
+    "cut-wan": "none",
+    "isolate-witness": "none",
+    "pause-site": "site-seconds",
     "heal": "none",
 }
+MAX_PAUSE = 3600.0
 DEMO_GLOB = "hbmon-demo-*"
 DEMO_FILE = "demo.json"
 
 
+class PausableClock(SystemClock):
+    """The system clock of one demo site, whose sleepers the lab can hold (pause-site).
+
+    Every timed loop of a site sleeps on its clock (:meth:`sleep_until`: the beater, the
+    poller, the status table's timers, and the arbiter's lease renewals), so holding the
+    sleepers stops them all, as a frozen VM stops: a loop that comes to the end of its
+    sleep while the site is paused waits until the pause is over, and none runs a round
+    meanwhile.  Monotonic time goes on (a paused process finds the time jumped).  The
+    site's HTTP server and network listener are not loops on the clock and go on.
+    """
+
+    def __init__(self) -> None:
+        self.paused_until = -math.inf
+        self._resumed: anyio.Event | None = None
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, self.monotonic() + seconds)
+
+    def resume(self) -> None:
+        self.paused_until = -math.inf
+        if self._resumed is not None:
+            self._resumed.set()
+            self._resumed = None
+
+    def paused_for(self) -> float:
+        """Seconds of the pause still to come (0 when not paused)."""
+        return max(0.0, self.paused_until - self.monotonic())
+
+    async def sleep_until(self, deadline: float, wake: anyio.Event | None = None) -> None:
+        await super().sleep_until(deadline, wake)
+        while (left := self.paused_for()) > 0:
+            if self._resumed is None:
+                self._resumed = anyio.Event()
+            with anyio.move_on_after(left):
+                await self._resumed.wait()
+
+
 @dataclass
 class Lab:
-    """The faults of one demo: which site beats each pair, the copy, the network."""
+    """The faults of one demo: which site beats each pair, the copy, the network, and
+    (with the demo's etcd cluster) the links between the sites and the witness."""
 
     writers: dict[str, Site]  # pair -> the site that beats it
     mirror: RemoteCopy
     sites: list[Site]
+    links: Links | None = None  # the etcd links; None: the demo runs without etcd
+    clocks: dict[str, PausableClock] = field(default_factory=dict)  # site -> its clock
     killed: set[str] = field(default_factory=set)
     frozen: set[str] = field(default_factory=set)
     partitioned: set[str] = field(default_factory=set)
@@ -82,11 +141,18 @@ class Lab:
             raise UsageError(f"unknown pair {pair!r} (pairs look like: {known}, ...)")
         return self.writers[pair]
 
-    async def apply(self, action: str, pair: str | None) -> str:
+    async def apply(self, action: str, pair: str | None, seconds: float | None = None) -> str:
         if action not in ACTIONS:
             raise UsageError(f"unknown lab action {action!r}; one of {', '.join(ACTIONS)}")
-        if ACTIONS[action] == "pair" and pair is None:
+        kind = ACTIONS[action]
+        if kind.startswith("site"):
+            return self._site_fault(action, pair, seconds)
+        if kind == "pair" and pair is None:
             raise UsageError(f"{action} needs a PAIR")
+        if kind == "none" and pair is not None:
+            raise UsageError(f"{action} takes no PAIR")
+        if action in ("cut-wan", "isolate-witness"):
+            return self._wan_fault(action)
         if pair is not None:
             self._site(pair)
         if action == "kill-host":
@@ -124,6 +190,48 @@ class Lab:
             await self.mirror.truncate(str(pair))
             return f"SVOL file cut inside the slot of {pair}; copies for it stopped"
         return self.heal()
+
+    def _site_name(self, action: str, name: str | None) -> str:
+        names = [site.config.site for site in self.sites]
+        if name not in names:
+            raise UsageError(f"{action} needs a SITE: one of {', '.join(names)} (not {name!r})")
+        return name
+
+    def _site_fault(self, action: str, name: str | None, seconds: float | None) -> str:
+        site = self._site_name(action, name)
+        if action == "pause-site":
+            if seconds is None or not 0 < seconds <= MAX_PAUSE:
+                raise UsageError(f"pause-site {site} needs SECONDS, more than 0, at most 3600")
+            clock = self.clocks.get(site)
+            if clock is None:
+                raise UsageError(f"site {site} does not run on a clock the lab can pause")
+            clock.pause(seconds)
+            return (
+                f"site {site} paused for {seconds:g} s: its beats, polls, timers and lease "
+                "renewals stop, as in a frozen VM; it resumes by itself (or on heal)"
+            )
+        self.mirror.cut_all = True
+        self.partition_all = True
+        etcd = "no etcd links (the demo runs without etcd)"
+        if self.links is not None:
+            self.links.isolate(site)
+            etcd = "its etcd links to " + " and ".join(m for m in self.links.members if m != site)
+        return f"site {site} isolated: remote copy and network beats cut, and {etcd}"
+
+    def _wan_fault(self, action: str) -> str:
+        if action == "isolate-witness":
+            if self.links is None:
+                raise UsageError("there is no witness: the demo runs without etcd")
+            self.links.isolate("witness")
+            return "witness isolated: its etcd links to both sites are cut"
+        self.mirror.cut_all = True
+        self.partition_all = True
+        names = [site.config.site for site in self.sites]
+        etcd = "no etcd links (the demo runs without etcd)"
+        if self.links is not None:
+            self.links.cut(names[0], names[1])
+            etcd = f"the etcd link {names[0]}-{names[1]}; the witness stays reachable from both"
+        return f"WAN cut: remote copy and network beats between the sites, and {etcd}"
 
     def _hang(self, pair: str) -> str:
         """Point the watcher's poller at a FIFO that nobody writes: opening it for reading
@@ -166,15 +274,26 @@ class Lab:
         self.partition_all = False
         self._unhang()
         self.mirror.heal()
-        return f"healed: link and network restored, {restarted} killed host(s) restarted"
+        if self.links is not None:
+            self.links.heal_all()
+        paused = [name for name, clock in self.clocks.items() if clock.paused_for() > 0]
+        for clock in self.clocks.values():
+            clock.resume()
+        resumed = f", {len(paused)} paused site(s) resumed" if paused else ""
+        return f"healed: link and network restored, {restarted} killed host(s) restarted{resumed}"
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/lab/{action}", self._handle), web.get("/lab", self._state)]
 
     async def _handle(self, request: web.Request) -> web.Response:
-        pair = request.query.get("pair") or None
+        pair = request.query.get("pair") or request.query.get("site") or None
         try:
-            message = await self.apply(request.match_info["action"], pair)
+            text = request.query.get("seconds")
+            try:
+                seconds = float(text) if text else None
+            except ValueError:
+                raise UsageError(f"seconds={text!r} is not a number") from None
+            message = await self.apply(request.match_info["action"], pair, seconds)
         except UsageError as err:
             return web.json_response({"ok": False, "error": str(err)}, status=400)
         return web.json_response({"ok": True, "message": message})
@@ -188,6 +307,13 @@ class Lab:
                 "cut": "all" if self.mirror.cut_all else sorted(self.mirror.cut),
                 "corrupted": sorted(self.mirror.corrupted),
                 "hung": sorted(self.hung),
+                "arbiter": self.links is not None,
+                "links_cut": [] if self.links is None else self.links.cut_links(),
+                "paused": {
+                    name: round(clock.paused_for(), 1)
+                    for name, clock in self.clocks.items()
+                    if clock.paused_for() > 0
+                },
             }
         )
 
@@ -212,8 +338,14 @@ def find_demo_url() -> str:
     return running[0]
 
 
-def lab_request(url: str, action: str, pair: str | None) -> str:
-    query = f"?pair={urllib.parse.quote(pair)}" if pair else ""
+def lab_request(url: str, action: str, pair: str | None, seconds: float | None = None) -> str:
+    """POST /lab/ACTION; ``pair`` is the PAIR, or the SITE of isolate-site and pause-site."""
+    params = {}
+    if pair:
+        params["site" if ACTIONS.get(action, "").startswith("site") else "pair"] = pair
+    if seconds is not None:
+        params["seconds"] = f"{seconds:g}"
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
     request = urllib.request.Request(f"{url.rstrip('/')}/lab/{action}{query}", method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
