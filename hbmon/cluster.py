@@ -241,12 +241,6 @@ class Proxy:
                 self.counts["severed"] += 1
                 conn.scope.cancel()
 
-    def connections(self, link: tuple[str, str] | None = None) -> int:
-        """Live connections (on ``link``, in either order, when given)."""
-        if link is None:
-            return len(self.live)
-        return sum(1 for c in self.live if set(c.link) == set(link))
-
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
@@ -272,6 +266,9 @@ class Proxy:
             conn = _Conn(link)
             self.live.add(conn)
             self.counts["accepted"] += 1
+            if self.links.is_cut(*link):  # cut while connecting upstream
+                conn.severed = True
+                conn.scope.cancel()
             try:
                 with conn.scope:
                     async with anyio.create_task_group() as tg:

@@ -80,6 +80,10 @@ class PausableClock(SystemClock):
     sleep while the site is paused waits until the pause is over, and none runs a round
     meanwhile.  Monotonic time goes on (a paused process finds the time jumped).  The
     site's HTTP server and network listener are not loops on the clock and go on.
+
+    Integration point (issue 14): the site's arbiter keeper must sleep on ``site.clock``
+    too (its renewals and retries), as the beater does; then pause-site stops the lease
+    renewal with everything else.
     """
 
     def __init__(self) -> None:
