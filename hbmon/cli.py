@@ -125,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("seconds", nargs="?", type=float, help="pause-site: for how long")
     lab.add_argument("--url", help="the demo's URL (found automatically when one demo runs)")
 
+    arb = sub.add_parser("arbiter", help="ownership at the arbiter (etcd)")
+    asub = arb.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    astatus = asub.add_parser("status", help="who owns what: owners, terms, site leases")
+    astatus.add_argument("-c", "--config", required=True, help="a site configuration")
+    astatus.add_argument("--json", action="store_true")
+    hand = asub.add_parser(
+        "handover", help="planned handover or fail-back: the owner demotes, SITE takes over"
+    )
+    hand.add_argument("pair")
+    hand.add_argument("--to", required=True, help="the site that takes the pair over")
+    hand.add_argument("--url", default=os.environ.get("HBMON_URL", DEFAULT_URL),
+                      help="the daemon of the site that owns the pair now")
+    hand.add_argument("--token-file", required=True, help="the webhook's bearer token file")
+
     cfg = sub.add_parser("config", help="configuration tools")
     csub = cfg.add_subparsers(dest="action", required=True, parser_class=_Parser)
     check = csub.add_parser("check", help="validate a configuration and exit")
@@ -428,6 +442,61 @@ def cmd_failover(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- arbiter --------------------------------------------------------------------------
+
+
+def cmd_arbiter(args: argparse.Namespace) -> int:
+    if args.action == "handover":
+        return _handover(args)
+    import anyio
+
+    from hbmon.arbiter.etcd import EtcdStore
+    from hbmon.arbiter.report import describe, format_description
+    from hbmon.config import load_config
+
+    config = load_config(args.config)
+    if config.arbiter is None:
+        raise UsageError(f"{args.config}: no [arbiter] table: this site has no arbiter")
+    arbiter = config.arbiter
+
+    async def ask() -> dict[str, Any]:
+        store = EtcdStore.from_config(arbiter)
+        try:
+            return await describe(store)
+        finally:
+            await store.aclose()
+
+    doc = anyio.run(ask)
+    print(json.dumps(doc, indent=2) if args.json else format_description(doc))
+    return 0
+
+
+def _handover(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from hbmon.netbeat import load_secret
+
+    token = load_secret(Path(args.token_file), "--token-file")
+    target = f"{args.url.rstrip('/')}/api/v1/arbiter/handover/{quote(args.pair, safe='')}"
+    body = json.dumps({"to": args.to}).encode()
+    request = urllib.request.Request(
+        target,
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {token.decode()}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            doc = json.load(resp)
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")
+        raise HbmonError(f"{target}: HTTP {err.code}: {detail}") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise HbmonError(f"cannot reach {target}: {err}") from None
+    print(f"{args.pair}: handed over to {doc['site']} at term {doc['term']}")
+    return 0
+
+
 # -- demo and lab ---------------------------------------------------------------------
 
 
@@ -485,6 +554,7 @@ _COMMANDS = {
     "volume": cmd_volume,
     "config": cmd_config,
     "failover": cmd_failover,
+    "arbiter": cmd_arbiter,
     "demo": cmd_demo,
     "lab": cmd_lab,
 }

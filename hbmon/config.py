@@ -7,6 +7,7 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import re
@@ -93,6 +94,7 @@ class WatchConfig:
     failover: tuple[str, ...] = ()
     failover_single_path: bool = False
     failover_without_arbiter: bool = False
+    demote: tuple[str, ...] = ()  # after a failover here: run when this site loses the pair
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class WatchGlobConfig:
     failover: tuple[str, ...] = ()
     failover_single_path: bool = False
     failover_without_arbiter: bool = False
+    demote: tuple[str, ...] = ()
     rescan: float = 10.0
 
 
@@ -409,6 +412,7 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
                 failover_without_arbiter=t.get(
                     "failover_without_arbiter", _bool, without_arbiter
                 ),
+                demote=t.get("demote", _command, ()),
             )
         )
         t.done()
@@ -429,6 +433,7 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
                 failover_without_arbiter=t.get(
                     "failover_without_arbiter", _bool, without_arbiter
                 ),
+                demote=t.get("demote", _command, ()),
                 rescan=t.get("rescan", parse_duration, 10.0),
             )
         )
@@ -579,6 +584,12 @@ def warnings(config: SiteConfig) -> list[str]:
                 "exactly like a dead site and will end in two primaries"
             )
     if config.arbiter is not None:
+        for i, w in enumerate(config.watches):
+            if w.failover and not w.demote and w.id not in {b.id for b in config.beats}:
+                out.append(
+                    f"watch[{i}] ({w.id!r}): no demote command: once this site has taken the "
+                    "pair over, nothing stops the service here if it loses the pair again"
+                )
         for i, beat in enumerate(config.beats):
             if not beat.demote:
                 out.append(
@@ -586,6 +597,21 @@ def warnings(config: SiteConfig) -> list[str]:
                     "lease, nothing stops the service here before another site takes it over"
                 )
     return out
+
+
+def demote_command(config: SiteConfig, pair: str, volume: str | None) -> tuple[str, ...]:
+    """The command that stops ``pair`` here when this site loses it: its ``[[beat]]``'s,
+    else (a pair this site took over) its ``[[watch]]``'s or matching ``[[watch_glob]]``'s."""
+    for beat in config.beats:
+        if beat.id == pair and beat.demote:
+            return beat.demote
+    for watch in config.watches:
+        if watch.id == pair:
+            return watch.demote
+    for glob in config.watch_globs:
+        if volume is not None and fnmatch.fnmatch(volume, glob.pattern):
+            return glob.demote
+    return ()
 
 
 def load_config(path: str | Path) -> SiteConfig:

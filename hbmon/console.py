@@ -50,9 +50,6 @@ def format_arbiter(arbiter: dict[str, Any]) -> str:
     """One line on the site's standing with the arbiter."""
     up = "up" if arbiter.get("up") else "DOWN"
     owned = arbiter.get("owned") or []
-    lease = arbiter.get("lease")
-    left = arbiter.get("lease_remaining")
-    held = (
-        f"lease {lease:x}, {left:.1f} s left" if isinstance(lease, int) and left else "no lease"
-    )
+    lease, left = arbiter.get("lease"), arbiter.get("lease_remaining")
+    held = f"lease {lease}, {left:.1f} s left" if lease and left else "no lease"
     return f"arbiter {up}: {held}; owns {len(owned)} pair(s)"

@@ -65,6 +65,7 @@ RESULTS: tuple[Result, ...] = get_args(Result)
 Code = Literal[
     "host_down",
     "isolated",
+    "handover",
     "unknown_pair",
     "no_command",
     "table_disagrees",
@@ -77,7 +78,7 @@ Code = Literal[
     "owner_taken",
 ]
 CODES: tuple[Code, ...] = get_args(Code)
-ACTING: frozenset[Code] = frozenset({"host_down", "isolated"})
+ACTING: frozenset[Code] = frozenset({"host_down", "isolated", "handover"})
 JOURNAL_NAME = "failover.jsonl"
 OUTPUT_LIMIT = 4096  # bytes of the command's output kept in the journal
 #: The search path of a failover command (systemd's default for services).
@@ -345,6 +346,32 @@ class FailoverGuard:
             raise
         task_group.start_soon(self._execute, decision, None)
         return decision
+
+    async def handed_over(self, pair_id: str, token: int) -> None:
+        """The arbiter handed ``pair_id`` to this site (``hbmon arbiter handover`` at the
+        old owner, who demoted first): run its failover command with the new term."""
+        pair = self.table.pairs.get(pair_id)
+        if pair is None or not pair.failover:
+            log.warning(
+                "pair %s handed to this site at term %d: no failover command here to start "
+                "it; start the service by hand",
+                pair_id,
+                token,
+            )
+            return
+        if pair_id in self.running:
+            log.warning("pair %s handed over while a failover runs: not started twice", pair_id)
+            return
+        decision = Decision(
+            pair_id, "handover", f"handed to this site at term {token}", pair.failover
+        )
+        self.running.add(pair_id)
+        try:
+            await self._start(decision, token)
+        except BaseException:
+            self.running.discard(pair_id)
+            raise
+        await self._execute(decision, token)
 
     async def _refuse(self, decision: Decision) -> None:
         pair_id = decision.pair

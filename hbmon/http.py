@@ -129,7 +129,8 @@ class HttpApi:
             if not count % SLICE:
                 await anyio.lowlevel.checkpoint()
         views.sort(key=worst_first)
-        head = self.status_document(rows=[])
+        head = self.status_document(rows=views)  # (adds each row's owner and term)
+        head["rows"] = []
         encoded = []
         for start in range(0, len(views), SLICE):
             encoded.append(json.dumps(views[start : start + SLICE])[1:-1])
@@ -149,13 +150,14 @@ class HttpApi:
         counts: dict[str, int] = {}
         for row in rows:
             counts[str(row["state"])] = counts.get(str(row["state"]), 0) + 1
-        arbiter = self.arbiter() if self.arbiter is not None else None
-        if arbiter is not None:
-            owners = arbiter.get("pairs", {})
+        arbiter = None
+        if self.arbiter is not None:  # each row says its pair's owner and term
+            arbiter = dict(self.arbiter())
+            owners = arbiter.pop("pairs", {})
+            arbiter["owned"] = sorted(p for p, seen in owners.items() if seen.get("owned"))
             for row in rows:
-                seen = owners.get(row["pair"])
-                row["owner"] = None if seen is None else seen.get("owner")
-                row["term"] = None if seen is None else seen.get("term")
+                seen = owners.get(row["pair"], {})
+                row["owner"], row["term"] = seen.get("owner"), seen.get("term")
         return {
             "arbiter": arbiter,
             "site": table.site,

@@ -20,7 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from hbmon import __version__
-from hbmon.arbiter.base import ArbiterStatistics
+from hbmon.arbiter.support import ArbiterStatistics
 from hbmon.failover import RESULTS, GuardStatistics
 from hbmon.netbeat import REJECT_REASONS, NetStatistics
 from hbmon.poller import PollerStatistics
@@ -298,7 +298,7 @@ def _arbiter_families(
     demotes = CounterMetricFamily(
         "hbmon_demote", "Demote commands run, by result", labels=["pair", "result"]
     )
-    counts = dict(stats.demotes)
+    counts: dict[tuple[str, str], int] = {key: n for key, n in stats.demotes.items()}
     for pair in beaten:  # zeros first, so increase() sees the first one
         for result in DEMOTE_RESULTS:
             counts.setdefault((pair, result), 0)

@@ -19,9 +19,11 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from hbmon.arbiter.etcd import EtcdStore
+from hbmon.arbiter.keeper import Keeper
 from hbmon.beater import Beater
 from hbmon.clock import Clock, SystemClock
-from hbmon.config import SiteConfig, load_config, parse_hostport
+from hbmon.config import SiteConfig, demote_command, load_config, parse_hostport
 from hbmon.errors import ConfigError, HbmonError
 from hbmon.failover import JOURNAL_NAME, FailoverGuard, Journal
 from hbmon.http import HttpApi, serve_http
@@ -35,6 +37,7 @@ from hbmon.webhook import Webhook
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 3.0  # seconds allowed for stopping records after SIGTERM
+ARBITER_STATE = "arbiter.json"  # the site's lease id, so a restart keeps its ownership
 
 
 class Site:
@@ -60,6 +63,20 @@ class Site:
             if key is not None
             else None
         )
+        journal = Journal(config.state_dir / JOURNAL_NAME)
+        self.keeper: Keeper | None = None
+        if config.arbiter is not None:  # the third vote (DESIGN.md, "Arbiter")
+            self.keeper = Keeper(
+                EtcdStore.from_config(config.arbiter),
+                config.site,
+                config.beats,
+                config.arbiter.timing,
+                self.clock,
+                journal,
+                state_file=config.state_dir / ARBITER_STATE,
+                demote_for=self._demote_for,
+            )
+            self.table.set_owner_source(self.keeper.owner_state)
         self.poller = Poller(self.table, self.clock, threads=config.io_threads)
         self.poller.configure(config)
         self.beater = Beater(
@@ -69,6 +86,7 @@ class Site:
             write_timeout=config.timing.read_timeout,
             sender=self.sender,
             on_written=on_written,
+            owned=self.keeper.owned if self.keeper is not None else None,
         )
         self.ssl_context = server_context(config)
         token = (
@@ -77,8 +95,8 @@ class Site:
             else None
         )
         client_certs = config.tls_client_ca_file is not None
-        journal = Journal(config.state_dir / JOURNAL_NAME)
-        if token is not None or client_certs:  # the webhook may act: the journal must work
+        # The webhook may act, or the keeper demote: the journal must work.
+        if token is not None or client_certs or self.keeper is not None:
             problem = journal.unwritable()
             if problem is not None:
                 raise ConfigError(
@@ -94,15 +112,28 @@ class Site:
             journal,
             hold_down=config.failover_hold_down,
             timeout=config.failover_timeout,
+            arbiter=self.keeper,
+            arbiter_wait=self.keeper.takeover_wait if self.keeper is not None else 0.0,
         )
+        if self.keeper is not None:
+            self.keeper.on_gained = self._handed_over
         components = Components(
             poller=self.poller.statistics,
             listener=self.listener.statistics if self.listener is not None else None,
             guard=self.guard.statistics,
+            arbiter=self.keeper.statistics if self.keeper is not None else None,
+            beats=lambda: self.beater.targets,
         )
         self.registry = site_registry(self.table, components)
-        self.api = HttpApi(self.table, self.registry, self.poller.statistics)
-        self.webhook = Webhook(self.guard, token, self._task_group, client_certs=client_certs)
+        self.api = HttpApi(
+            self.table,
+            self.registry,
+            self.poller.statistics,
+            arbiter=self.keeper.status if self.keeper is not None else None,
+        )
+        self.webhook = Webhook(
+            self.guard, token, self._task_group, client_certs=client_certs, keeper=self.keeper
+        )
         self.api.extra_routes.extend(self.webhook.routes())
         self._tg: anyio.abc.TaskGroup | None = None
         self.address: tuple[str, int] | None = None
@@ -118,6 +149,8 @@ class Site:
                 self.address = await tg.start(serve, self.api.app(), host, port)
                 if self.listener is not None:
                     await tg.start(self.listener.run)
+                if self.keeper is not None:  # ownership is known before the first beat
+                    await tg.start(self.keeper.run)
                 await tg.start(self.poller.run)
                 await tg.start(self.beater.run)
                 await tg.start(self.table.run_timers)
@@ -133,6 +166,9 @@ class Site:
             self.beater.close()
             if self.sender is not None:
                 self.sender.close()
+            if self.keeper is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await self.keeper.store.aclose()
 
     async def _freeze_heap(self) -> None:
         """Once every watched volume has been read, hide the long-lived objects from the
@@ -144,6 +180,13 @@ class Site:
             await self.poller.all_read.wait()
         gc.collect()
         gc.freeze()
+
+    def _demote_for(self, pair: str) -> tuple[str, ...]:
+        watched = self.table.pairs.get(pair)
+        return demote_command(self.config, pair, watched.volume if watched else None)
+
+    def _handed_over(self, pair: str, term: int) -> None:
+        self._task_group().start_soon(self.guard.handed_over, pair, term)
 
     def _task_group(self) -> anyio.abc.TaskGroup:
         if self._tg is None:

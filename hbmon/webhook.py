@@ -24,6 +24,8 @@ from typing import Any
 import anyio.abc
 from aiohttp import web
 
+from hbmon.arbiter.keeper import Keeper
+from hbmon.errors import ArbiterError
 from hbmon.failover import FailoverGuard
 from hbmon.tls import peer_certificate
 
@@ -74,8 +76,10 @@ class Webhook:
         task_group: Callable[[], anyio.abc.TaskGroup],
         *,
         client_certs: bool = False,
+        keeper: Keeper | None = None,
     ) -> None:
         self.guard = guard
+        self.keeper = keeper
         self.token = token
         self.task_group = task_group
         self.client_certs = client_certs
@@ -84,7 +88,31 @@ class Webhook:
         return [
             web.post("/api/v1/alerts", self.alerts),
             web.get("/api/v1/failover/{pair}", self.dry_run),
+            web.post("/api/v1/arbiter/handover/{pair}", self.handover),
         ]
+
+    async def handover(self, request: web.Request) -> web.Response:
+        """``hbmon arbiter handover PAIR --to SITE``: at the owner, demote (journaled) and
+        move the pair to SITE with a new term; SITE runs its failover command."""
+        keeper = self.keeper
+        if keeper is None or (self.token is None and not self.client_certs):
+            return _error(503, "handover needs [arbiter] and the webhook's credential")
+        refused = self.refuse(request)
+        if refused is not None:
+            return refused
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _error(400, 'body must be JSON: {"to": SITE}')
+        site = body.get("to") if isinstance(body, dict) else None
+        if not isinstance(site, str) or not site:
+            return _error(400, 'body must name the site: {"to": SITE}')
+        pair = request.match_info["pair"]
+        try:
+            term = await keeper.hand_over(pair, site)
+        except ArbiterError as err:
+            return _error(409, f"{pair} not handed over: {err}")
+        return web.json_response({"pair": pair, "site": site, "term": term})
 
     async def alerts(self, request: web.Request) -> web.Response:
         if self.guard is None or (self.token is None and not self.client_certs):

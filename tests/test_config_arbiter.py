@@ -36,6 +36,7 @@ DESIGN = """\
     id = "db1"
     volume = "/srv/hb/svol"
     failover = ["/usr/local/sbin/promote-db1"]  # gets HBMON_FENCING_TOKEN
+    demote = ["/usr/local/sbin/demote-db1"]   # after a failover here, when it is lost again
 """
 
 
@@ -195,6 +196,25 @@ def test_config_check_warns_of_a_failover_without_an_arbiter(tmp_path: Path) -> 
 
 
 def test_config_check_warns_of_a_beat_without_demote(tmp_path: Path) -> None:
-    text = DESIGN.replace('    demote = ["/usr/local/sbin/demote-db1"]', "")
+    line = '    demote = ["/usr/local/sbin/demote-db1"]   # this site can no longer prove'
+    assert line in DESIGN
+    text = DESIGN.replace(line, "    # (no demote)")
     (warning,) = warnings(load_config(write(tmp_path, text)))
     assert "beat[0] ('db1'): no demote command" in warning
+
+
+def test_config_check_warns_of_a_watch_without_demote(tmp_path: Path) -> None:
+    text = """\
+        site = "tokyo"
+        method = "volume"
+        [arbiter]
+        endpoints = ["http://127.0.0.1:2379"]
+        [[watch]]
+        id = "db1"
+        volume = "/srv/hb/svol"
+        failover = ["/usr/local/sbin/promote-db1"]
+    """
+    config = load_config(write(tmp_path, text))
+    assert config.watches[0].demote == ()
+    (warning,) = warnings(config)
+    assert "watch[0] ('db1'): no demote command" in warning

@@ -63,18 +63,6 @@ class OwnerView:
 
 
 @dataclass(frozen=True, slots=True)
-class ArbiterStatistics:
-    """What the site's side of the arbiter tells about itself (for /metrics)."""
-
-    up: bool = False  # a request to the arbiter succeeded within lease_ttl / 3
-    lease_remaining: float = 0.0  # counted from the send time of the last renewal
-    owned: frozenset[str] = frozenset()  # pairs this site owns
-    terms: Mapping[str, int] = field(default_factory=dict)  # pair -> term last seen
-    demotes: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (pair, result)
-    requests: int = 0  # requests sent to the arbiter since start
-
-
-@dataclass(frozen=True, slots=True)
 class OwnerEvent:
     """A change of one owner key: ``owner`` is None when the key was deleted."""
 
