@@ -7,8 +7,11 @@ them.  Answers no etcd would give come from a fake gateway (aiohttp) in the test
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
+import os
+import re
 import shutil
 import signal
 import ssl
@@ -17,7 +20,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ import pytest
 from aiohttp import web
 from conftest import need
 from helpers import free_port, stop_process
-from test_tls import make_ca, make_cert
+from test_tls import make_ca, make_cert, openssl
 
 from hbmon.arbiter.base import Owner, OwnerEvent, owner_value, site_value
 from hbmon.arbiter.etcd import FOREIGN, EtcdStore
@@ -150,11 +153,14 @@ Opener = Callable[..., EtcdStore]
 
 @pytest.fixture
 async def opener() -> AsyncIterator[Opener]:
-    """``opener(*args, **kwargs)``: an EtcdStore closed after the test."""
+    """``opener(*args, **kwargs)`` or ``opener(cfg)``: an EtcdStore closed after the test."""
     made: list[EtcdStore] = []
 
     def open_store(*args: Any, **kwargs: Any) -> EtcdStore:
-        made.append(EtcdStore(*args, **kwargs))
+        if isinstance(args[0], ArbiterConfig):
+            made.append(EtcdStore.from_config(args[0]))
+        else:
+            made.append(EtcdStore(*args, **kwargs))
         return made[-1]
 
     yield open_store
@@ -176,21 +182,14 @@ async def gateway(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def b64(text: str) -> str:
-    import base64
-
     return base64.b64encode(text.encode()).decode()
 
 
-async def raw_put(url: str, key: str, value: str, lease: int = 0) -> None:
-    body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
-    if lease:
-        body["lease"] = str(lease)
-    await gateway(url, "/v3/kv/put", body)
+async def raw_put(url: str, key: str, value: str) -> None:
+    await gateway(url, "/v3/kv/put", {"key": b64(key), "value": b64(value)})
 
 
 async def raw_get(url: str, key: str) -> str | None:
-    import base64
-
     kvs = (await gateway(url, "/v3/kv/range", {"key": b64(key)})).get("kvs", [])
     return base64.b64decode(kvs[0].get("value", "")).decode() if kvs else None
 
@@ -287,6 +286,66 @@ async def test_claim_release_and_terms(store: EtcdStore) -> None:
         await store.release(owner)
     print(f"\nclaim round trip on localhost (read + txn): {ms(samples)}")
     assert (await store.view()).terms["db2"] == 30
+
+
+@pytest.mark.tools
+async def test_claim_reads_again_when_only_the_term_moved(
+    store: EtcdStore, etcd: Member, prefix: str, opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another site claims and releases the pair between our read and our transaction:
+    the term compare fails, the claim reads again and takes the term after the other's."""
+    other = opener([etcd.url], prefix, RT)
+    osaka, tokyo = await store.grant(30), await other.grant(30)
+    read = store._read
+    raced: list[Owner] = []
+
+    async def racing_read(*keys: str) -> Any:
+        kvs = await read(*keys)
+        if not raced:
+            raced.append(await other.claim("db1", "tokyo", tokyo))
+            await other.release(raced[0])
+        return kvs
+
+    monkeypatch.setattr(store, "_read", racing_read)
+    owner = await store.claim("db1", "osaka", osaka)
+    assert raced[0].term == 1
+    assert (owner.site, owner.term) == ("osaka", 2)
+    assert (await store.view()).terms == {"db1": 2}
+
+
+@pytest.mark.tools
+async def test_a_claim_whose_answer_was_lost_is_still_ours(
+    etcd: Member, prefix: str, opener: Opener
+) -> None:
+    """The first endpoint passes a transaction on to etcd but loses the answer: the claim
+    is asked again at the next endpoint, whose compare fails on the key the first attempt
+    wrote; that key is this claim's, not someone else's."""
+    hold = anyio.Event()
+
+    async def lossy(request: web.Request) -> web.Response:
+        body = await request.read()
+        async with aiohttp.ClientSession() as s, s.post(etcd.url + request.path, data=body) as r:
+            answer = await r.read()
+        if json.loads(body).get("compare"):
+            await hold.wait()
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", lossy)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        store = opener([f"http://127.0.0.1:{runner.addresses[0][1]}", etcd.url], prefix, 0.5)
+        lease = await opener([etcd.url], prefix, RT).grant(30)
+        started = time.monotonic()
+        owner = await store.claim("db1", "osaka", lease)
+        assert time.monotonic() - started >= 0.5  # the first answer was lost
+        assert (owner.site, owner.term, owner.lease) == ("osaka", 1, lease)
+        assert (await store.view()).owners == {"db1": owner}
+    finally:
+        hold.set()
+        await runner.cleanup()
 
 
 @pytest.mark.tools
@@ -434,15 +493,21 @@ async def test_an_idle_watch_lives_on_progress_and_a_frozen_member_ends_it(
         ended.set()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(consume, (await store.view()).revision)
+        revision = (await store.view()).revision
+        await store.aclose()  # no connection but the watch's (the store opens a new session)
+        tg.start_soon(consume, revision)
         await anyio.sleep(store.heartbeat + 1)
         assert outcome == []
         ss = await anyio.run_process(
-            ["ss", "-tnoH", "state", "established", "dport", f"= :{etcd.client_port}"],
+            ["ss", "-tnopH", "state", "established", "dport", f"= :{etcd.client_port}"],
             check=False,
         )
-        if ss.returncode == 0:  # TCP keepalive probes are armed on the watch's connection
-            assert b"timer:(keepalive" in ss.stdout, ss.stdout
+        assert ss.returncode == 0, ss.stderr  # the watch's connection has TCP keepalive armed
+        mine = [line for line in ss.stdout.splitlines() if f"pid={os.getpid()},".encode() in line]
+        assert len(mine) == 1, ss.stdout  # the watch's (the other calls' went with aclose)
+        timer = re.search(rb"timer:\(keepalive,([\d.]+)(ms|sec)", mine[0])
+        assert timer is not None, mine  # not minutes, as with the kernel's default
+        assert float(timer[1]) / (1000 if timer[2] == b"ms" else 1) <= RT, mine
         etcd.signal(signal.SIGSTOP)
         try:
             frozen = time.monotonic()
@@ -570,8 +635,8 @@ async def fake() -> AsyncIterator[str]:
         ("notjson", "HTTP 200, not JSON: b'<html>proxy error"),
         ("http500", "HTTP 500, not JSON: b'Internal Server Error'"),
         ("etcderror", "HTTP 503, etcd error: etcdserver: no leader"),
-        ("noheader", "the answer has no 'header' object"),
-        ("norevision", "the answer's 'revision' is None"),
+        ("noheader", "the answer's 'header' is None, not dict"),
+        ("norevision", "the answer's 'revision' is None, not int"),
         ("badkvs", "a key or value is not base64 UTF-8"),
         ("array", "HTTP 200, not a JSON object"),
     ],
@@ -590,7 +655,7 @@ async def test_stream_answers_that_are_not_etcd_answers(fake: str, opener: Opene
         await lost.keepalive(7)
     with pytest.raises(ArbiterUnavailable, match="not 8"):
         await lost.keepalive(8)
-    with pytest.raises(ArbiterUnavailable, match="no 'header' object"):
+    with pytest.raises(ArbiterUnavailable, match="'header' is None, not dict"):
         await opener([f"{fake}/badresult"], "/f", 1.0).keepalive(7)
     for mode, problem in (
         ("watchjunk", "broke: HTTP 200, not JSON: b'{not json}'"),
@@ -641,11 +706,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     both = "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
     make_cert(folder, "server", "ca", both)
     make_cert(folder, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    openssl("pkey", "-in", "client.key", "-aes256", "-passout", "pass:secret",
+            "-out", "encrypted.key", cwd=folder)  # fmt: skip
+    (folder / "encrypted.key").chmod(0o600)
     return folder
 
 
 @pytest.mark.tools
-async def test_tls_right_and_wrong_ca(tmp_path: Path, pki: Path) -> None:
+async def test_tls_right_and_wrong_ca(tmp_path: Path, pki: Path, opener: Opener) -> None:
     good = ssl.create_default_context(cafile=pki / "ca.crt")
     good.load_cert_chain(pki / "client.crt", pki / "client.key")
     tls = (
@@ -654,44 +722,44 @@ async def test_tls_right_and_wrong_ca(tmp_path: Path, pki: Path) -> None:
     )  # fmt: skip
     members = start_cluster(tmp_path, 1, scheme="https", extra=tls, context=good)
     url = members[0].url
+    cfg = ArbiterConfig(
+        endpoints=(url,), prefix="/s", timing=LeaseTiming(request_timeout=1.0),
+        ca_file=pki / "ca.crt", cert_file=pki / "client.crt", key_file=pki / "client.key",
+    )  # fmt: skip
     try:
-        cfg = ArbiterConfig(
-            endpoints=(url,), prefix="/s", timing=LeaseTiming(request_timeout=1.0),
-            ca_file=pki / "ca.crt", cert_file=pki / "client.crt", key_file=pki / "client.key",
-        )  # fmt: skip
-        store = EtcdStore.from_config(cfg)
-        lease = await store.grant(10)
-        owner = await store.claim("db1", "osaka", lease)
+        store = opener(cfg)
+        owner = await store.claim("db1", "osaka", await store.grant(10))
         assert (await store.view()).owners == {"db1": owner}
-        await store.aclose()
 
-        wrong = EtcdStore([url], "/s", 1.0, ssl_context=ssl.create_default_context(
-            cafile=pki / "other-ca.crt"))  # fmt: skip
+        wrong = ssl.create_default_context(cafile=pki / "other-ca.crt")
         with pytest.raises(ArbiterUnavailable) as err:
-            await wrong.view()
-        assert f"{url}: TLS:" in str(err.value)
+            await opener([url], "/s", 1.0, ssl_context=wrong).view()
+        assert f"{url}: TLS: " in str(err.value)
         assert "certificate verify failed" in str(err.value)
-        await wrong.aclose()
 
-        no_cert = EtcdStore([url], "/s", 1.0, ssl_context=ssl.create_default_context(
-            cafile=pki / "ca.crt"))  # fmt: skip
-        with pytest.raises(ArbiterUnavailable, match=url):
-            await no_cert.view()
-        await no_cert.aclose()
+        no_cert = ssl.create_default_context(cafile=pki / "ca.crt")
+        with pytest.raises(ArbiterUnavailable, match=url):  # etcd wants a client certificate
+            await opener([url], "/s", 1.0, ssl_context=no_cert).view()
     finally:
         stop_cluster(members)
+    with pytest.raises(ConfigError, match=r"arbiter\.key_file: cannot be loaded"):
+        EtcdStore.from_config(replace(cfg, key_file=pki / "encrypted.key"))  # and no prompt
     (pki / "client.key").chmod(0o644)
     try:
-        with pytest.raises(ConfigError, match="world-readable"):
+        with pytest.raises(ConfigError, match=r"arbiter\.key_file: secret file is world-readable"):
             EtcdStore.from_config(cfg)
     finally:
         (pki / "client.key").chmod(0o600)
 
 
 @pytest.mark.tools
-async def test_user_and_password(tmp_path: Path) -> None:
+async def test_user_and_password(tmp_path: Path, opener: Opener) -> None:
     (member,) = members = start_cluster(tmp_path, 1, extra=("--auth-token-ttl", "1"))
     url = member.url
+    secret = tmp_path / "password"
+    secret.write_text("s3cret pw\n")
+    secret.chmod(0o600)
+    cfg = ArbiterConfig(endpoints=(url,), prefix="/a", user="hbmon", password_file=secret)
     try:
         for path, body in (
             ("/v3/auth/user/add", {"name": "root", "password": "rootpw"}),
@@ -705,39 +773,31 @@ async def test_user_and_password(tmp_path: Path) -> None:
             ("/v3/auth/enable", {}),
         ):  # fmt: skip
             await gateway(url, path, body)
-        secret = tmp_path / "password"
-        secret.write_text("s3cret pw\n")
-        secret.chmod(0o600)
-        cfg = ArbiterConfig(endpoints=(url,), prefix="/a", user="hbmon", password_file=secret)
-        store = EtcdStore.from_config(cfg)
-        lease = await store.grant(30)
-        owner = await store.claim("db1", "osaka", lease)
+        store = opener(cfg)
+        owner = await store.claim("db1", "osaka", await store.grant(30))
         tokens = [store._token]  # peeked at to see a new token fetched
+        await store.view()
+        assert store._token == tokens[0]  # a token is used until etcd refuses it
         await anyio.sleep(2.2)  # --auth-token-ttl 1: the simple token expires
-        async for event in store.watch(owner.revision - 1):
+        async for event in store.watch(owner.revision - 1):  # refused first: cancel_reason
             assert event == OwnerEvent("db1", owner, owner.revision)
             break
         tokens.append(store._token)
         await anyio.sleep(2.2)
-        assert (await store.view()).owners == {"db1": owner}
+        assert (await store.view()).owners == {"db1": owner}  # refused first: an error
         tokens.append(store._token)
         assert len(set(tokens)) == 3, tokens
-        await store.aclose()
 
         for user, password, problem in (
             ("hbmon", "wrong", "authentication failed"),
             (None, None, "user name is empty"),
         ):
-            bad = EtcdStore([url], "/a", 1.0, user=user, password=password)
             with pytest.raises(ArbiterUnavailable, match=f"{url}: .*{problem}"):
-                await bad.view()
-            await bad.aclose()
-        other = EtcdStore([url], "/b", 1.0, user="hbmon", password="s3cret pw")
+                await opener([url], "/a", 1.0, user=user, password=password).view()
         with pytest.raises(ArbiterUnavailable, match="permission denied"):
-            await other.view()
-        await other.aclose()
+            await opener([url], "/b", 1.0, user="hbmon", password="s3cret pw").view()
     finally:
         stop_cluster(members)
     secret.chmod(0o644)
-    with pytest.raises(ConfigError, match="world-readable"):
+    with pytest.raises(ConfigError, match=r"arbiter\.password_file: secret file is world-readable"):
         EtcdStore.from_config(cfg)
