@@ -66,10 +66,18 @@ FIRST_BYTES_TIMEOUT = 2.0  # a peer connection that says nothing for this long i
 LOOPBACK = "127.0.0.1"
 
 
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+def free_tcp_port(taken: set[int] | None = None) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago and is not in ``taken`` (which
+    it is added to)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((LOOPBACK, 0))
+            port = int(s.getsockname()[1])
+        if taken is None:
+            return port
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 # -- the links ---------------------------------------------------------------------------
@@ -377,18 +385,21 @@ class Cluster:
         sites: Iterable[str] = SITES,
         progress: Callable[[str], None] | None = None,
         token: str | None = None,
+        avoid: Iterable[int] = (),
     ) -> None:
+        """``avoid``: ports that others are about to bind (the demo's HTTP ports)."""
         self.folder = folder
         self.etcd = etcd
         self.progress = progress or (lambda line: log.info("%s", line))
         self.token = token or f"hbmon-demo-{os.getpid()}-{time.monotonic_ns()}"
         self.links = Links(members)
+        taken = set(avoid)
         self.members = {
             name: Member(
                 name,
-                free_tcp_port(),
-                free_tcp_port(),
-                free_tcp_port(),
+                free_tcp_port(taken),
+                free_tcp_port(taken),
+                free_tcp_port(taken),
                 folder / name,
                 folder / f"{name}.log",
             )
@@ -401,7 +412,9 @@ class Cluster:
             for m in self.members.values()
         }
         self.client_proxies = {
-            (site, m.name): ClientProxy(site, m.name, free_tcp_port(), m.client_port, self.links)
+            (site, m.name): ClientProxy(
+                site, m.name, free_tcp_port(taken), m.client_port, self.links
+            )
             for site in self.sites
             for m in self.members.values()
         }
@@ -445,6 +458,7 @@ class Cluster:
             "--initial-cluster-token", self.token,
             "--heartbeat-interval", str(HEARTBEAT_MS),
             "--election-timeout", str(ELECTION_MS),
+            "--pre-vote",  # a member back from a cut does not force an election
         ]  # fmt: skip
 
     async def run(

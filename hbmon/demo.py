@@ -50,8 +50,13 @@ ARBITER_OFF = (
     "host_down failovers will be refused as no_arbiter"
 )
 #: The demo's [arbiter] timing: lease_ttl / 3 + 2 x request_timeout + demote_budget +
-#: 1 s margin = 2 + 1 + 2 + 1 = 6 s <= lease_ttl (hbmon/arbiter/lease.py).
-ARBITER_TIMING = {"lease_ttl": "6s", "request_timeout": "0.5s", "demote_budget": "2s"}
+#: 1 s margin = 3.3 + 1 + 2 + 1 = 7.3 s <= lease_ttl (hbmon/arbiter/lease.py).  A site
+#: demotes 3 s before its lease can expire, so a renewal that fails may be retried until
+#: 3.7 to 7 s after the last good one: time enough for etcd to elect a new leader when
+#: the old one is cut off (1 to 2 s with a 1 s election timeout).  With lease_ttl 6 s
+#: (which the rule allows) that window is 1 to 3 s, and isolating the witness while it
+#: led made both sites demote every pair.
+ARBITER_TIMING = {"lease_ttl": "10s", "request_timeout": "0.5s", "demote_budget": "2s"}
 ARBITER_PREFIX = "/hbmon-demo"
 
 
@@ -251,7 +256,13 @@ class Demo:
     async def _run(self) -> None:
         cluster = None
         if self.etcd is not None:
-            cluster = Cluster(self.folder / "etcd", self.etcd, progress=self._progress)
+            port = parse_hostport(self.opts.listen)[1]  # the sites' HTTP: port, port + 1
+            cluster = Cluster(
+                self.folder / "etcd",
+                self.etcd,
+                progress=self._progress,
+                avoid=(port, port + 1) if port else (),
+            )
         self.cluster = cluster
         arbiter = {site: cluster.endpoints(site) for site in SITES} if cluster else None
         configs, links = prepare(self.folder, self.opts, arbiter)

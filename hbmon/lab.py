@@ -5,8 +5,9 @@ copy, the network beats), so the verdicts it causes come out of the same code th
 in production:
 
 ==========================  =========================================================
-``kill-host PAIR``          the writer stops on both paths, no stopping record
-``freeze-host PAIR``        the writer pauses (same incarnation)
+``kill-host PAIR``          the writer stops on both paths, no stopping record (with the
+                            arbiter its ownership goes too: see ``Lab._release``)
+``freeze-host PAIR``        the writer pauses (same incarnation; ownership as kill-host)
 ``thaw-host PAIR``          the frozen writer resumes: reported as an undead writer
 ``cut-link [PAIR]``         the remote copy stops (for one pair or all)
 ``partition [PAIR]``        network beats are dropped (for one pair or all)
@@ -47,7 +48,7 @@ from aiohttp import web
 
 from hbmon.clock import SystemClock
 from hbmon.cluster import Links
-from hbmon.errors import HbmonError, UsageError
+from hbmon.errors import ArbiterError, HbmonError, OwnerTaken, UsageError
 from hbmon.mirror import RemoteCopy
 from hbmon.site import Site
 
@@ -67,6 +68,8 @@ ACTIONS = {
     "heal": "none",
 }
 MAX_PAUSE = 3600.0
+RECLAIM_ATTEMPTS = 5
+RECLAIM_PAUSE = 0.5  # seconds between attempts
 DEMO_GLOB = "hbmon-demo-*"
 DEMO_FILE = "demo.json"
 
@@ -162,17 +165,20 @@ class Lab:
         if action == "kill-host":
             self._site(pair).beater.pause(str(pair))
             self.killed.add(str(pair))
-            return f"host of {pair} killed: no beats on either path, no stopping record"
+            owner = await self._release(str(pair))
+            return f"host of {pair} killed: no beats on either path, no stopping record{owner}"
         if action == "freeze-host":
             self._site(pair).beater.pause(str(pair))
             self.frozen.add(str(pair))
-            return f"host of {pair} frozen: it will resume with the same incarnation"
+            owner = await self._release(str(pair))
+            return f"host of {pair} frozen: it will resume with the same incarnation{owner}"
         if action == "thaw-host":
             if pair not in self.frozen:
                 raise UsageError(f"{pair} is not frozen")
             self.frozen.discard(str(pair))
+            owner = await self._reclaim(str(pair))
             self._site(pair).beater.resume(str(pair))
-            return f"host of {pair} thawed: beating again with its old incarnation"
+            return f"host of {pair} thawed: beating again with its old incarnation{owner}"
         if action == "cut-link":
             if pair is None:
                 self.mirror.cut_all = True
@@ -193,7 +199,42 @@ class Lab:
         if action == "truncate":
             await self.mirror.truncate(str(pair))
             return f"SVOL file cut inside the slot of {pair}; copies for it stopped"
-        return self.heal()
+        return await self.heal()
+
+    # With the arbiter a pair is owned by its site's lease, one for all of the site's
+    # pairs, so a host of one pair that dies or freezes would leave its pair owned (every
+    # path stale while the owner lives: `isolated`).  The lab lets the ownership go with
+    # the host instead, as it would go with a host that holds its own lease: the site
+    # demotes the pair (journaled) and deletes its owner key.  The restarted or thawed
+    # host claims the pair again, unless another site has taken it over meanwhile (then
+    # it stays standby: it never takes a pair back by itself).
+
+    async def _release(self, pair: str) -> str:
+        keeper = self._site(pair).keeper
+        if keeper is None:
+            return ""
+        try:
+            await keeper.release(pair)
+        except ArbiterError as err:
+            return f"; its ownership could not be released: {err}"
+        return "; its ownership goes with it (demoted, owner key deleted)"
+
+    async def _reclaim(self, pair: str) -> str:
+        keeper = self._site(pair).keeper
+        if keeper is None or keeper.owned(pair):
+            return ""
+        for attempt in range(RECLAIM_ATTEMPTS):
+            try:
+                term = await keeper.claim(pair)
+            except OwnerTaken as err:
+                return f"; it stays standby: {err}"
+            except ArbiterError as err:
+                if attempt + 1 == RECLAIM_ATTEMPTS:
+                    return f"; it stays standby: the claim failed: {err}"
+                await anyio.sleep(RECLAIM_PAUSE)  # (an election after a heal, say)
+            else:
+                return f"; it owns {pair} again (term {term})"
+        return ""
 
     def _site_name(self, action: str, name: str | None) -> str:
         names = [site.config.site for site in self.sites]
@@ -266,7 +307,14 @@ class Lab:
                 os.close(fd)
         self.hung.clear()
 
-    def heal(self) -> str:
+    async def heal(self) -> str:
+        if self.links is not None:
+            self.links.heal_all()  # (first: the restarted hosts claim their pairs)
+        claims = []
+        for pair in sorted(self.frozen | self.killed):
+            said = await self._reclaim(pair)
+            if said:
+                claims.append(f"{pair}{said}")
         for pair in self.frozen:
             self.writers[pair].beater.resume(pair)
         for pair in self.killed:
@@ -278,13 +326,15 @@ class Lab:
         self.partition_all = False
         self._unhang()
         self.mirror.heal()
-        if self.links is not None:
-            self.links.heal_all()
         paused = [name for name, clock in self.clocks.items() if clock.paused_for() > 0]
         for clock in self.clocks.values():
             clock.resume()
         resumed = f", {len(paused)} paused site(s) resumed" if paused else ""
-        return f"healed: link and network restored, {restarted} killed host(s) restarted{resumed}"
+        owners = "".join(f"\n  {claim}" for claim in claims)
+        return (
+            f"healed: link and network restored, {restarted} killed host(s) restarted"
+            f"{resumed}{owners}"
+        )
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/lab/{action}", self._handle), web.get("/lab", self._state)]
