@@ -422,18 +422,24 @@ def cmd_config(args: argparse.Namespace) -> int:
 # -- failover -------------------------------------------------------------------------
 
 
-def cmd_failover(args: argparse.Namespace) -> int:
-    from urllib.parse import quote
-
-    target = f"{args.url.rstrip('/')}/api/v1/failover/{quote(args.pair, safe='')}"
+def ask_daemon(request: urllib.request.Request, timeout: float) -> Any:
+    """The JSON answer of a running daemon; HbmonError naming the URL otherwise."""
+    target = request.full_url
     try:
-        with urllib.request.urlopen(target, timeout=10) as resp:
-            doc = json.load(resp)
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.load(resp)
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")
         raise HbmonError(f"{target}: HTTP {err.code}: {detail}") from None
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise HbmonError(f"cannot reach {target}: {err}") from None
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    target = f"{args.url.rstrip('/')}/api/v1/failover/{quote(args.pair, safe='')}"
+    doc = ask_daemon(urllib.request.Request(target), 10)
     if doc["action"] == "failover":
         print(f"{args.pair}: an HbmonHostDown alert would run: {' '.join(doc['command'])}")
     else:
@@ -485,14 +491,7 @@ def _handover(args: argparse.Namespace) -> int:
         method="POST",
         headers={"Authorization": f"Bearer {token.decode()}", "Content-Type": "application/json"},
     )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            doc = json.load(resp)
-    except urllib.error.HTTPError as err:
-        detail = err.read().decode(errors="replace")
-        raise HbmonError(f"{target}: HTTP {err.code}: {detail}") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise HbmonError(f"cannot reach {target}: {err}") from None
+    doc = ask_daemon(request, 60)
     print(f"{args.pair}: handed over to {doc['site']} at term {doc['term']}")
     return 0
 

@@ -1,9 +1,11 @@
 """The Grafana dashboards (dashboards/*.json) against a real Prometheus (issue 6).
 
-A real ``hbmon demo`` (6 pairs, 250 ms interval) runs with faults injected through the
-real ``hbmon lab`` CLI: the host of osaka-01 is killed, the SVOL record of tokyo-02 is
-corrupted, and Alertmanager-style notifications make tokyo fail osaka-01 over (executed)
-and osaka refuse to fail tokyo-02 over (it is degraded, not down).  The real Prometheus
+A real ``hbmon demo`` (6 pairs, 250 ms interval, its etcd arbiter on) runs with faults
+injected through the real ``hbmon lab`` CLI: the host of osaka-01 is killed, the SVOL record
+of tokyo-02 is corrupted, the remote copy and the network beats of osaka-03 are cut while
+its writer and osaka's lease live on (isolated: a cut, not a death), and
+Alertmanager-style notifications make tokyo fail osaka-01 over (executed, a new term) and
+osaka refuse to fail tokyo-02 over (it is degraded, not down).  The real Prometheus
 binary scrapes both sites every second.  Then every target of every panel of both
 dashboards is sent to Prometheus' query API, with the dashboard variables filled in as
 Grafana would (``$pair`` with each faulted pair, ``$__rate_interval`` with 5s): the query
@@ -14,7 +16,9 @@ added: it fails until it returns data and has an entry in ``EXPECT`` saying what
 faults look like in it.
 
 Demo layout: osaka serves HTTP on PORT, tokyo on PORT+1; osaka-NN pairs are beaten by
-osaka and watched by tokyo, tokyo-NN pairs the other way round.
+osaka and watched by tokyo, tokyo-NN pairs the other way round.  The arbiter panels are
+checked against what the sites' own /metrics said (``ARBITER``): the terms before the
+faults, the demotes after them.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,7 @@ from xml.sax.saxutils import escape
 
 import pytest
 from conftest import need
-from helpers import free_port, free_port_pair
+from helpers import free_port, free_port_pair, http_get, parse_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "dashboards"
@@ -52,14 +56,24 @@ PAIRS = 6
 INTERVAL = 0.25
 KILLED = "osaka-01"  # kill-host: every path of it goes stale -> host_down
 CORRUPTED = "tokyo-02"  # corrupt: its volume path is invalid (checksum) -> degraded
+ISOLATED = "osaka-03"  # cut-link + partition: every path stale, its owner alive -> isolated
+FAULTED = (KILLED, CORRUPTED, ISOLATED)
+ALL_PAIRS = {f"osaka-{i:02d}" for i in range(1, 4)} | {f"tokyo-{i:02d}" for i in range(1, 4)}
 FAULT_SOAK = 8.0  # seconds of scrapes after the faults, before the queries
+LAST_FAULT_SOAK = 6.0  # and at least this long after the last fault (the CLI is slow on a
+# loaded machine: the last fault can come several seconds after the first)
 BASELINE = 4.0  # seconds of healthy scrapes before the faults
 STALE_AFTER = 3 * INTERVAL  # miss_threshold x interval
 #: Grafana's variables as the test fills them in ($pair is set per run).
 GRAFANA_VARS = {"$__rate_interval": "5s", "$__interval": "1s", "$__range": "1m"}
 #: The per-pair dashboard is checked for each faulted pair; these panels may be empty
 #: for a pair (no data is their way of saying "nothing wrong").
-MAY_BE_EMPTY = {("hbmon-pair", "Volume read errors by reason", "A", KILLED)}
+MAY_BE_EMPTY = {
+    ("hbmon-pair", "Volume read errors by reason", "A", KILLED),
+    ("hbmon-pair", "Volume read errors by reason", "A", ISOLATED),
+    ("hbmon-fleet", "Demotes", "A", None),
+    *(("hbmon-pair", "Demotes", "A", pair) for pair in FAULTED),
+}
 #: One panel is drawn (from a range query) for the README: dashboard, title, $pair.
 PICTURE = ("hbmon-pair", "Heartbeat age per path", CORRUPTED)
 
@@ -110,7 +124,7 @@ def queries() -> list[Query]:
         variables = {v["name"] for v in doc["templating"]["list"]}
         for panel in panels(doc):
             for t in panel.get("targets", []):
-                runs: list[str | None] = [KILLED, CORRUPTED] if "pair" in variables else [None]
+                runs: list[str | None] = [*FAULTED] if "pair" in variables else [None]
                 for pair in runs:
                     out.append(Query(uid, panel["title"], t["refId"], t["expr"], pair))
     return out
@@ -216,6 +230,29 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 @dataclass
+class Arbiter:
+    """What the sites' own /metrics said of ownership (filled in by the ``lab`` fixture)."""
+
+    instances: dict[str, str] = field(default_factory=dict)  # site -> scrape instance
+    terms_before: dict[str, float] = field(default_factory=dict)  # pair -> term, pre-faults
+    demotes: dict[tuple[str, str, str], float] = field(default_factory=dict)  # non-zero
+
+
+#: The arbiter panels are checked against this; the ``lab`` fixture fills it in.
+ARBITER = Arbiter()
+
+
+def exported(urls: dict[str, str], name: str) -> list[tuple[str, dict[str, str], float]]:
+    """``(site, labels, value)`` of every sample of ``name`` the sites export now."""
+    return [
+        (site, labels, value)
+        for site, url in urls.items()
+        for sample, labels, value in parse_metrics(http_get(url + "/metrics")[1])
+        if sample == name
+    ]
+
+
+@dataclass
 class Lab:
     """The running demo and the Prometheus that scrapes it, faults injected."""
 
@@ -285,6 +322,7 @@ def alert(url: str, token: str, pair: str) -> Any:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     need(os.access(PROMETHEUS, os.X_OK), f"{PROMETHEUS} not found (Debian package: prometheus)")
+    need(shutil.which("etcd") is not None, "etcd not found (Debian package: etcd-server)")
     tmp = tmp_path_factory.mktemp("dashboards")
     (tmp / "tmpdir").mkdir()
     env = {**os.environ, "TMPDIR": str(tmp / "tmpdir")}
@@ -358,7 +396,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         def healthy() -> bool:
             up = running.query('up{job="hbmon"} == 1')["data"]["result"]
             fine = running.query('hbmon_pair_verdict{verdict="alive"} == 1')["data"]["result"]
-            return len(up) == 2 and len(fine) == PAIRS
+            arbiter = running.query("hbmon_arbiter_up == 1")["data"]["result"]
+            owned = running.query("hbmon_pair_owned == 1")["data"]["result"]
+            return len(up) == 2 and len(fine) == PAIRS and len(arbiter) == 2 and len(owned) == PAIRS
 
         deadline = time.monotonic() + 20
         while not healthy():
@@ -366,23 +406,43 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 pytest.fail(f"Prometheus never saw a healthy demo\n{tail(prom_log)}")
             time.sleep(0.2)
         time.sleep(BASELINE)
+        sites = {"osaka": osaka, "tokyo": tokyo}
+        ARBITER.instances.update(osaka=f"127.0.0.1:{port}", tokyo=f"127.0.0.1:{port + 1}")
+        for _, labels, term in exported(sites, "hbmon_pair_owner_term"):
+            pair = labels["pair"]
+            ARBITER.terms_before[pair] = max(term, ARBITER.terms_before.get(pair, 0.0))
 
         hbmon_cli("lab", "kill-host", KILLED, "--url", osaka, env=env)
         faulted = time.monotonic()
         time.sleep(1.0)  # so that osaka-01's heartbeats are the oldest of all
         hbmon_cli("lab", "corrupt", CORRUPTED, "--url", osaka, env=env)
+        time.sleep(1.0)  # and tokyo-02's volume path the next oldest
+        hbmon_cli("lab", "cut-link", ISOLATED, "--url", osaka, env=env)
+        hbmon_cli("lab", "partition", ISOLATED, "--url", osaka, env=env)
+        last_fault = time.monotonic()
         deadline = time.monotonic() + 10
         while True:
             rows = get_json(tokyo + "/status.json")["rows"]
-            if {r["verdict"] for r in rows if r["pair"] == KILLED} == {"host_down"}:
+            killed = {r["verdict"] for r in rows if r["pair"] == KILLED}
+            isolated = {r["verdict"] for r in rows if r["pair"] == ISOLATED}
+            if killed == {"host_down"} and isolated == {"isolated"}:
                 break
             if time.monotonic() > deadline:
-                pytest.fail(f"{KILLED} never became host_down on tokyo: {rows}")
+                pytest.fail(
+                    f"{KILLED} never host_down or {ISOLATED} never isolated on tokyo (a killed "
+                    "host must take its hold on the pair at the arbiter with it; a cut-off "
+                    f"one keeps it): {rows}"
+                )
             time.sleep(0.05)
         secret = token.read_text().strip()
         running.decisions[KILLED] = alert(tokyo, secret, KILLED)
         running.decisions[CORRUPTED] = alert(osaka, secret, CORRUPTED)
-        time.sleep(max(0.0, FAULT_SOAK - (time.monotonic() - faulted)))
+        soaked = max(faulted + FAULT_SOAK, last_fault + LAST_FAULT_SOAK)
+        time.sleep(max(0.0, soaked - time.monotonic()))
+        for site, labels, count in exported(sites, "hbmon_demote_total"):
+            if count:
+                key = (ARBITER.instances[site], labels["pair"], labels["result"])
+                ARBITER.demotes[key] = count
         yield running
     finally:
         stop(prom)
@@ -412,7 +472,12 @@ def by_value(result: Result, *labels: str) -> list[Any]:
 
 
 def expect_verdicts(result: Result, pair: str | None) -> None:
-    assert values(result, "verdict") == {"host_down": 1, "degraded": 1, "alive": PAIRS - 2}
+    assert values(result, "verdict") == {
+        "host_down": 1,
+        "degraded": 1,
+        "isolated": 1,
+        "alive": PAIRS - 3,
+    }
 
 
 def expect_host_down(result: Result, pair: str | None) -> None:
@@ -423,6 +488,7 @@ def expect_not_alive(result: Result, pair: str | None) -> None:
     assert values(result, "pair", "verdict") == {
         (KILLED, "host_down"): 1,
         (CORRUPTED, "degraded"): 1,
+        (ISOLATED, "isolated"): 1,
     }
 
 
@@ -431,6 +497,8 @@ def expect_paths_not_fresh(result: Result, pair: str | None) -> None:
         (KILLED, "volume", "stale"): 1,
         (KILLED, "network", "stale"): 1,
         (CORRUPTED, "volume", "invalid"): 1,
+        (ISOLATED, "volume", "stale"): 1,
+        (ISOLATED, "network", "stale"): 1,
     }
 
 
@@ -453,9 +521,11 @@ def expect_missed_total(result: Result, pair: str | None) -> None:
 
 def expect_missed_by_pair(result: Result, pair: str | None) -> None:
     got = values(result, "pair")
-    assert max(got, key=got.__getitem__) == KILLED, got
-    # 2 paths x 4 beats/s x 60 s: 480 missed beats a minute, give or take the window edges
-    assert 240 < got[KILLED] < 720, got
+    # the killed and the cut-off pair miss every beat on both paths, the others none
+    assert set(sorted(got, key=got.__getitem__)[-2:]) == {KILLED, ISOLATED}, got
+    for silent in (KILLED, ISOLATED):
+        # 2 paths x 4 beats/s x 60 s: 480 missed beats a minute, give or take the edges
+        assert 240 < got[silent] < 720, got
 
 
 def expect_latency(result: Result, pair: str | None) -> None:
@@ -489,7 +559,7 @@ def expect_sites(result: Result, pair: str | None) -> None:
 
 
 def expect_pair_verdict(result: Result, pair: str | None) -> None:
-    want = {KILLED: "host_down", CORRUPTED: "degraded"}[str(pair)]
+    want = {KILLED: "host_down", CORRUPTED: "degraded", ISOLATED: "isolated"}[str(pair)]
     assert values(result, "verdict") == {want: 1}
 
 
@@ -497,6 +567,7 @@ def expect_pair_states(result: Result, pair: str | None) -> None:
     want = {
         KILLED: {("volume", "stale"): 1, ("network", "stale"): 1},
         CORRUPTED: {("volume", "invalid"): 1, ("network", "alive"): 1},
+        ISOLATED: {("volume", "stale"): 1, ("network", "stale"): 1},
     }[str(pair)]
     got = values(result, "path", "state")
     if got.pop(("network", "late"), None) is not None:  # a busy machine delays a beat
@@ -508,20 +579,20 @@ def expect_writes(result: Result, pair: str | None) -> None:
     rate = values(result)[()]
     if pair == KILLED:
         assert rate == 0, "a killed host writes nothing"
-    else:
+    else:  # the cut-off owner too keeps its lease and beats on
         assert rate > 0.5 / INTERVAL, f"{pair}'s host writes every {INTERVAL} s: {rate}/s"
 
 
 def expect_pair_failovers(result: Result, pair: str | None) -> None:
-    want = {KILLED: "executed", CORRUPTED: "refused"}[str(pair)]
-    assert {k: v for k, v in values(result, "result").items() if v} == {want: 1}
+    want = {KILLED: {"executed": 1}, CORRUPTED: {"refused": 1}, ISOLATED: {}}[str(pair)]
+    assert {k: v for k, v in values(result, "result").items() if v} == want
 
 
 def expect_ages(result: Result, pair: str | None) -> None:
     got = values(result, "path")
     assert set(got) == {"volume", "network"}
     assert got["volume"] > STALE_AFTER * 4, got  # nothing new on the volume for seconds
-    if pair == KILLED:
+    if pair in (KILLED, ISOLATED):
         assert got["network"] > STALE_AFTER * 4, got
     else:
         assert got["network"] < STALE_AFTER, got  # the network path is fine
@@ -538,13 +609,17 @@ def expect_serials(result: Result, pair: str | None) -> None:
 def expect_pair_missed(result: Result, pair: str | None) -> None:
     got = values(result, "path")
     assert set(got) == {"volume", "network"}, got
-    if pair == KILLED:
+    if pair in (KILLED, ISOLATED):
         assert got["volume"] > 0, got
         assert got["network"] > 0, got
 
 
 def expect_fresh(result: Result, pair: str | None) -> None:
-    want = {KILLED: {"volume": 0, "network": 0}, CORRUPTED: {"volume": 0, "network": 1}}
+    want = {
+        KILLED: {"volume": 0, "network": 0},
+        CORRUPTED: {"volume": 0, "network": 1},
+        ISOLATED: {"volume": 0, "network": 0},
+    }
     assert values(result, "path") == want[str(pair)]
 
 
@@ -559,6 +634,84 @@ def expect_pair_read_errors(result: Result, pair: str | None) -> None:
         expect_read_errors(result, pair)
     else:
         assert result == [], f"{pair} was never corrupted: {result}"
+
+
+# -- the arbiter panels ---------------------------------------------------------------------
+
+
+def owner_site(pair: str) -> str:
+    """Who owns ``pair`` after the faults: its writer's site, but osaka-01 failed over."""
+    return "tokyo" if pair == KILLED or pair.startswith("tokyo-") else "osaka"
+
+
+def expect_arbiter_up(result: Result, pair: str | None) -> None:
+    # the cut of osaka-03's links is not a cut of osaka from the arbiter
+    assert values(result, "instance") == {i: 1 for i in ARBITER.instances.values()}
+
+
+def expect_lease(result: Result, pair: str | None) -> None:
+    got = values(result, "instance")
+    assert set(got) == set(ARBITER.instances.values()), got
+    assert all(0 < v <= 60 for v in got.values()), f"both sites hold a lease: {got}"
+
+
+def expect_isolated(result: Result, pair: str | None) -> None:
+    assert values(result, "pair", "instance") == {(ISOLATED, ARBITER.instances["tokyo"]): 1}
+
+
+def expect_owned_counts(result: Result, pair: str | None) -> None:
+    # the failover moved osaka-01 from osaka's count to tokyo's
+    assert values(result, "instance") == {
+        ARBITER.instances["osaka"]: PAIRS // 2 - 1,
+        ARBITER.instances["tokyo"]: PAIRS // 2 + 1,
+    }
+
+
+def expect_owners(result: Result, pair: str | None) -> None:
+    got = values(result, "pair", "instance")
+    assert len({p for p, _ in got}) == len(got), f"a pair with two owners: {got}"
+    assert got == {(p, ARBITER.instances[owner_site(p)]): 1 for p in ALL_PAIRS}
+
+
+def expect_terms(result: Result, pair: str | None) -> None:
+    # the failover raised osaka-01's term (its fencing token) by one; no other term moved
+    assert set(ARBITER.terms_before) == ALL_PAIRS, ARBITER.terms_before
+    assert all(t >= 1 for t in ARBITER.terms_before.values()), ARBITER.terms_before
+    want = {p: t + (p == KILLED) for p, t in ARBITER.terms_before.items()}
+    assert values(result, "pair") == want
+
+
+def expect_demotes(result: Result, pair: str | None) -> None:
+    got = values(result, "instance", "pair", "result")
+    assert got == ARBITER.demotes, "Prometheus and the sites' /metrics disagree"
+    # the cut-off owner keeps its lease, and the standby site lost nothing
+    tokyo = ARBITER.instances["tokyo"]
+    assert not [k for k in got if k[1] in (ISOLATED, CORRUPTED) or k[0] == tokyo], got
+
+
+def expect_owned_by(result: Result, pair: str | None) -> None:
+    assert values(result, "instance") == {ARBITER.instances[owner_site(str(pair))]: 1}
+
+
+def expect_pair_term(result: Result, pair: str | None) -> None:
+    assert values(result) == {(): ARBITER.terms_before[str(pair)] + (pair == KILLED)}
+
+
+def expect_pair_demotes(result: Result, pair: str | None) -> None:
+    got = values(result, "instance", "result")
+    want = {(i, r): v for (i, p, r), v in ARBITER.demotes.items() if p == pair}
+    assert got == want, "Prometheus and the sites' /metrics disagree"
+    if pair != KILLED:
+        assert got == {}, f"{pair} was never demoted: {got}"
+
+
+def expect_silent(result: Result, pair: str | None) -> None:
+    want = {
+        KILLED: {"host_down": 1, "isolated": 0},
+        CORRUPTED: {"host_down": 0, "isolated": 0},
+        ISOLATED: {"host_down": 0, "isolated": 1},
+    }[str(pair)]
+    assert values(result, "verdict") == want
 
 
 #: What every panel target shows under the faults, by (dashboard uid, title, refId).
@@ -580,6 +733,13 @@ EXPECT: dict[tuple[str, str, str], Check] = {
     ("hbmon-fleet", "Poll lag and stuck workers", "B"): expect_no_stuck_workers,
     ("hbmon-fleet", "Failovers", "A"): expect_failovers,
     ("hbmon-fleet", "Sites", "A"): expect_sites,
+    ("hbmon-fleet", "Arbiter", "A"): expect_arbiter_up,
+    ("hbmon-fleet", "Isolated pairs", "A"): expect_isolated,
+    ("hbmon-fleet", "Owned pairs per site", "A"): expect_owned_counts,
+    ("hbmon-fleet", "Demotes", "A"): expect_demotes,
+    ("hbmon-fleet", "Arbiter lease remaining", "A"): expect_lease,
+    ("hbmon-fleet", "Owner per pair", "A"): expect_owners,
+    ("hbmon-fleet", "Owner term per pair", "A"): expect_terms,
     ("hbmon-pair", "Verdict", "A"): expect_pair_verdict,
     ("hbmon-pair", "State per path", "A"): expect_pair_states,
     ("hbmon-pair", "Beats written by its host", "A"): expect_writes,
@@ -590,6 +750,12 @@ EXPECT: dict[tuple[str, str, str], Check] = {
     ("hbmon-pair", "Fresh per path", "A"): expect_fresh,
     ("hbmon-pair", "Clock skew", "A"): expect_skew,
     ("hbmon-pair", "Volume read errors by reason", "A"): expect_pair_read_errors,
+    ("hbmon-pair", "Owned by", "A"): expect_owned_by,
+    ("hbmon-pair", "Owner term", "A"): expect_pair_term,
+    ("hbmon-pair", "Demotes", "A"): expect_pair_demotes,
+    ("hbmon-pair", "Arbiter", "A"): expect_arbiter_up,
+    ("hbmon-pair", "Every path silent", "A"): expect_silent,
+    ("hbmon-pair", "Arbiter lease remaining", "A"): expect_lease,
 }
 
 
@@ -603,6 +769,9 @@ def test_the_faults_were_injected(lab: Lab) -> None:
     assert [(d["pair"], d["action"]) for d in refused] == [(CORRUPTED, "none")], refused
     rows = {(r["pair"], r["path"]): r for r in get_json(lab.osaka + "/status.json")["rows"]}
     assert rows[(CORRUPTED, "volume")]["reason"] == "checksum_mismatch"
+    rows = {(r["pair"], r["path"]): r for r in get_json(lab.tokyo + "/status.json")["rows"]}
+    assert {rows[(ISOLATED, path)]["verdict"] for path in ("volume", "network")} == {"isolated"}
+    assert set(ARBITER.instances) == {"osaka", "tokyo"}
 
 
 @pytest.mark.tools
@@ -617,8 +786,7 @@ def test_pair_variable_lists_every_pair(lab: Lab) -> None:
             params = urllib.parse.urlencode({"match[]": m.group(1)})
             got = get_json(f"{lab.prometheus}/api/v1/label/{m.group(2)}/values?{params}")
             assert got["status"] == "success"
-            want = {f"osaka-{i:02d}" for i in range(1, 4)} | {f"tokyo-{i:02d}" for i in range(1, 4)}
-            assert set(got["data"]) == want, (doc["uid"], var["name"], got["data"])
+            assert set(got["data"]) == ALL_PAIRS, (doc["uid"], var["name"], got["data"])
 
 
 @pytest.mark.tools

@@ -165,7 +165,8 @@ async def test_renewals_every_third_of_the_ttl_and_steady_traffic_does_not_grow_
             mark, requests = len(store.sent), keeper.requests
             await run_for(clock, 60, keeper)
             seen[n] = (store.sent[mark:], keeper.requests - requests)
-            assert keeper.owner_state("p00042") == "alive"
+            assert keeper.status()["pairs"]["p00042"]["owner"] == "osaka"
+            assert keeper.owner_state("p00042") == "gone"  # (own: no other writer to wait on)
             kill.cancel()
     renewals = [(T0 + 5 * i, "keepalive") for i in range(1, 13)]  # every 5 s, from the send
     assert seen[100] == seen[10_000] == (renewals, 12)
@@ -357,10 +358,12 @@ async def test_a_restart_within_the_lease_keeps_ownership_and_term(
         assert store.calls["grant"] == 1
         await run_for(clock, 30, second)
         assert second.owned("db1")
-        assert second.owner_state("db1") == "alive"
+        assert second.status()["pairs"]["db1"]["owner"] == "osaka"
+        assert second.owner_state("db1") == "gone"  # (this site's own)
         kill.cancel()
     assert demotes(second) == []
-    assert json.loads((tmp_path / "osaka.json").read_text()) == {"site": "osaka", "lease": lease}
+    state = json.loads((tmp_path / "osaka.json").read_text())
+    assert state == {"site": "osaka", "lease": lease, "demoted": {}}
 
 
 async def test_a_restart_after_the_lease_expired_claims_absent_keys_only(
@@ -407,7 +410,7 @@ async def test_an_unreachable_store_at_start_owns_nothing_until_it_answers(
         store.unavailable = False
         await run_for(clock, 1, keeper)
         assert keeper.owned("db1")  # the claim at start, made once the store answers
-        assert keeper.owner_state("db1") == "alive"
+        assert keeper.owner_state("db1") == "gone"  # current again (and this site's own)
         kill.cancel()
     assert demotes(keeper) == []
 
@@ -681,3 +684,82 @@ async def test_the_memory_store_keeps_etcds_rules(clock: FakeClock, store: Memor
         tg.start_soon(ask)
         await clock.run_for(10)
     assert failed == [T0 + 15 + store.deadline]
+
+
+# -- who takes a pair back at start (booth #68: a failed-over site must not grab it back) --
+
+
+async def test_a_site_back_after_a_takeover_does_not_claim_even_an_expired_key(
+    clock: FakeClock, store: MemoryStore, tmp_path: Path
+) -> None:
+    """osaka lost db1 to tokyo; tokyo's daemon stops past its lease, so the key expires;
+    osaka restarts: it must not take db1 back (the term key says tokyo took it last)."""
+    tokyo_lease = await store.grant(15)
+    await store.register("tokyo", tokyo_lease)
+    taken = await store.claim("db1", "tokyo", tokyo_lease)
+    assert taken.term == 1
+    clock.advance(16)
+    store.expire()  # tokyo's daemon was stopped: its lease (and the owner key) are gone
+    osaka = make(store, clock, tmp_path, pairs=("db1", "db2"))
+    async with anyio.create_task_group() as tg:
+        kill = await start(tg, osaka)
+        await run_for(clock, 1, osaka)
+        assert not osaka.owned("db1")  # tokyo's, even with no key now
+        assert osaka.owned("db2")  # never owned before: osaka's from the start
+        kill.cancel()
+    assert (await store.view()).owners.keys() == {"db2"}
+
+
+async def test_a_site_that_took_a_pair_over_takes_it_back_after_its_own_restart(
+    clock: FakeClock, store: MemoryStore, tmp_path: Path
+) -> None:
+    """tokyo took db1 over (it has no [[beat]] for it); its daemon restarts after its lease
+    ran out: the pair is still tokyo's, so tokyo claims it again, at a new term."""
+    osaka = make(store, clock, tmp_path, pairs=("db1",))
+    async with anyio.create_task_group() as tg:
+        kill = await start(tg, osaka)
+        kill.cancel()  # osaka dies
+    clock.advance(16)
+    store.expire()
+    tokyo = make(store, clock, tmp_path, site="tokyo", pairs=())
+    async with anyio.create_task_group() as tg:
+        kill = await start(tg, tokyo)
+        token = await tokyo.take_over("db1", WAIT)
+        assert token == 2
+        kill.cancel()
+    clock.advance(16)
+    store.expire()  # tokyo's daemon was down longer than its lease
+    again = make(store, clock, tmp_path, site="tokyo", pairs=())
+    async with anyio.create_task_group() as tg:
+        kill = await start(tg, again)
+        assert again.owned("db1")
+        assert again.statistics().terms["db1"] == 3
+        kill.cancel()
+
+
+async def test_a_pair_demoted_here_is_not_taken_back_by_a_restart(
+    clock: FakeClock, store: MemoryStore, tmp_path: Path
+) -> None:
+    """osaka demoted db1 (its lease could not be renewed); nobody took it over; osaka's
+    daemon restarts: db1 stays demoted (its service was stopped) until an operator acts."""
+    osaka = make(store, clock, tmp_path, pairs=("db1",))
+    async with anyio.create_task_group() as tg:
+        kill = await start(tg, osaka)
+        store.unavailable = True
+        await run_for(clock, 20, osaka)
+        assert demoted(tmp_path) == ["db1 1 osaka"]
+        kill.cancel()
+    store.unavailable = False
+    store.expire()
+    restarted = make(store, clock, tmp_path, pairs=("db1",))
+    async with anyio.create_task_group() as tg:
+        kill = await start(tg, restarted)
+        await run_for(clock, 1, restarted)
+        assert not restarted.owned("db1")
+        assert (await store.view()).owners == {}
+        term = await restarted.claim("db1")  # the operator's explicit claim
+        assert term == 2
+        assert restarted.owned("db1")
+        kill.cancel()
+    state = json.loads((tmp_path / "osaka.json").read_text())
+    assert state["demoted"] == {}

@@ -7,14 +7,15 @@ one ``prefix``:
 key                   value (JSON)                               attached to
 ====================  =========================================  ===============
 PREFIX/owner/PAIR     ``{"site": S, "term": N, "lease": L}``     the owner's lease
-PREFIX/term/PAIR      ``{"term": N}``: the newest term ever      nothing (stays)
+PREFIX/term/PAIR      ``{"term": N, "site": S}``: newest term    nothing (stays)
 PREFIX/site/SITE      ``{"site": S, "lease": L}``                that site's lease
 ====================  =========================================  ===============
 
 A site holds one lease for all of its pairs, so the cost of the arbiter does not grow
 with the number of pairs.  The owner key disappears when the owner's lease expires or is
 revoked; the term key does not, so a new owner's term is always higher than any before it.
-That term is the fencing token.
+That term is the fencing token.  The term key also names the site that took it, so a
+site that comes back after another took its pair over knows not to take it back.
 
 Every call either answers or raises: :class:`~hbmon.errors.ArbiterUnavailable` when the
 store could not be asked (or answered something that is not an answer),
@@ -60,6 +61,7 @@ class OwnerView:
     terms: Mapping[str, int] = field(default_factory=dict)  # pair -> newest term ever
     sites: Mapping[str, int] = field(default_factory=dict)  # site -> its lease id
     foreign: tuple[str, ...] = ()  # keys under the prefix that hbmon did not write
+    last_owner: Mapping[str, str] = field(default_factory=dict)  # pair -> site of its term
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +155,8 @@ def parse_owner(pair: str, value: bytes | str, revision: int) -> Owner:
     return Owner(pair, site, int(term), int(lease), revision)
 
 
-def term_value(term: int) -> str:
-    return json.dumps({"term": term})
+def term_value(term: int, site: str) -> str:
+    return json.dumps({"term": term, "site": site}, sort_keys=True)
 
 
 def parse_term(pair: str, value: bytes | str) -> int:
@@ -162,6 +164,12 @@ def parse_term(pair: str, value: bytes | str) -> int:
     if not _whole(term) or term < 0:
         raise ArbiterUnavailable(f"term key of {pair!r}: 'term' is {term!r}, not a term")
     return int(term)
+
+
+def parse_term_site(pair: str, value: bytes | str) -> str | None:
+    """The site that took the newest term of ``pair`` (None in a key without one)."""
+    site = _json_object(value, f"term key of {pair!r}").get("site")
+    return site if isinstance(site, str) and site else None
 
 
 def site_value(site: str, lease: int) -> str:

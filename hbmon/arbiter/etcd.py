@@ -147,6 +147,7 @@ class EtcdStore(Store):
         revision, kvs = await self._call("/v3/kv/range", body, lambda d: (_revision(d), _kvs(d)))
         owners: dict[str, Owner] = {}
         terms: dict[str, int] = {}
+        last_owner: dict[str, str] = {}
         sites: dict[str, int] = {}
         foreign: list[str] = []
         for kv in kvs:
@@ -156,13 +157,15 @@ class EtcdStore(Store):
                     owners[name] = _owner(name, kv)
                 elif kind == TERM:
                     terms[name] = _term(name, kv)
+                    if (took := base.parse_term_site(name, kv.value)) is not None:
+                        last_owner[name] = took
                 elif kind == SITE and _site_lease(name, kv):
                     sites[name] = kv.lease
                 else:
                     foreign.append(kv.key)
             except OwnerTaken:  # a value hbmon did not write
                 foreign.append(kv.key)
-        return OwnerView(revision, owners, terms, sites, tuple(foreign))
+        return OwnerView(revision, owners, terms, sites, tuple(foreign), last_owner)
 
     async def register(self, site: str, lease: int) -> None:
         put = _put(self.key(SITE, site), base.site_value(site, lease), lease)["request_put"]
@@ -181,7 +184,8 @@ class EtcdStore(Store):
                 return mine, [_cmp(okey, "MOD", holder.revision)], [_put_owner(okey, mine)]
             mine = Owner(pair, site, _term(pair, kvs[1]) + 1, lease)
             compare = [_cmp(okey, "CREATE", 0), _cmp(tkey, "MOD", _mod(kvs[1]))]
-            return mine, compare, [_put_owner(okey, mine), _put(tkey, base.term_value(mine.term))]
+            term = _put(tkey, base.term_value(mine.term, site))
+            return mine, compare, [_put_owner(okey, mine), term]
 
         gone = f"lease {lease} of site {site!r} no longer exists at etcd"
         return await self._commit(pair, [okey, tkey], plan, gone)
@@ -208,7 +212,8 @@ class EtcdStore(Store):
             mine = Owner(pair, site, max(owner.term, _term(pair, kvs[1])) + 1, target)
             compare = [_cmp(okey, "MOD", owner.revision), _cmp(tkey, "MOD", _mod(kvs[1])),
                        _cmp(skey, "MOD", _mod(kvs[2]))]  # fmt: skip
-            return mine, compare, [_put_owner(okey, mine), _put(tkey, base.term_value(mine.term))]
+            term = _put(tkey, base.term_value(mine.term, site))
+            return mine, compare, [_put_owner(okey, mine), term]
 
         gone = f"the lease of site {site!r} no longer exists at etcd"
         return await self._commit(pair, [okey, tkey, skey], plan, gone)

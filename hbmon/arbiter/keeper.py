@@ -38,6 +38,7 @@ from hbmon.arbiter.support import (
     demote_env,
     key_deleted,
     on_clock,
+    read_demoted,
     read_state,
     run_demote,
     write_state,
@@ -87,6 +88,9 @@ class Keeper:
         self._retry = min(0.5, timing.renew_every / 4)
         self._belt = 2 * timing.request_timeout + 1
         self._stored = read_state(state_file, site)  # a lease to try to reuse, once
+        # pair -> term at which this site demoted it: a restart does not take it back.
+        self._demoted = read_demoted(state_file, site)
+        self._first_round = True  # the start claims also take back what this site last took
         self._registered = False
         self._pending = set(self.beats)  # start claims not answered yet
         self._owned: dict[str, Owner] = {}
@@ -102,6 +106,7 @@ class Keeper:
         # Told (pair, term) when the store hands this site a pair (a planned handover or
         # fail-back): the site runs that pair's failover command with the new term.
         self.on_gained: Callable[[str, int], None] | None = None
+        self._claiming: set[str] = set()  # take_over's claims in flight
 
     # -- what the others ask ------------------------------------------------------------
 
@@ -116,9 +121,13 @@ class Keeper:
         return False
 
     def owner_state(self, pair: str) -> OwnerState:
+        """What the arbiter says of the owner that writes ``pair``'s beats: ``alive`` while
+        another site holds it, ``gone`` when nobody does or this site took it over (the
+        writer it watched is gone), ``unknown`` while the view is not current."""
         if not self._current() or pair in self.book.foreign:
             return "unknown"
-        return "alive" if pair in self.book.owners else "gone"
+        owner = self.book.owners.get(pair)
+        return "alive" if owner is not None and owner.site != self.site else "gone"
 
     @property
     def takeover_wait(self) -> float:
@@ -192,7 +201,7 @@ class Keeper:
             if not self._registered and self.lease is not None:
                 await self._ask(self.store.register, self.site, self.lease)
                 self._registered = True
-            if self._pending:
+            if self._pending or self._first_round:
                 await self._claim_pending()
         except LeaseLost as err:
             lost = self.lease if lease is None else lease
@@ -245,9 +254,31 @@ class Keeper:
                 self._own(owner)
 
         view = await self._ask(self.store.view)  # (skip what is not this site's to claim)
+        if self._first_round:  # a restart: what this site took last (a failover) is its own
+            self._first_round = False
+            self._pending |= {p for p, site in view.last_owner.items() if site == self.site}
         for pair in sorted(self._pending):
             held = view.owners.get(pair)
-            if self.store.key(OWNER, pair) in view.foreign:
+            took = view.last_owner.get(pair)
+            if self._demoted.get(pair) == view.terms.get(pair, 0) and held is None:
+                log.warning(
+                    "arbiter: %s was demoted here at term %d: not taken back (to serve it "
+                    "here again: hbmon arbiter handover at its owner, or claim it)",
+                    pair,
+                    self._demoted[pair],
+                )
+                self._pending.discard(pair)
+            elif held is None and took is not None and took != self.site:
+                log.warning(
+                    "arbiter: %s was taken over by %s at term %d: this site does not take it "
+                    "back by itself, even now that its key has expired (fail-back: hbmon "
+                    "arbiter handover)",
+                    pair,
+                    took,
+                    view.terms.get(pair, 0),
+                )
+                self._pending.discard(pair)
+            elif self.store.key(OWNER, pair) in view.foreign:
                 log.error(
                     "arbiter: the owner key of %s was not written by hbmon: not claimed; "
                     "its beats say standby (remove the key or change [arbiter] prefix)",
@@ -269,6 +300,7 @@ class Keeper:
             raise ArbiterUnavailable(f"{len(self._pending)} pairs not claimed yet")
 
     def _own(self, owner: Owner) -> None:
+        self._demoted.pop(owner.pair, None)
         self._owned[owner.pair] = owner
         self._disowned.discard(owner.pair)
         self.book.note(owner.pair, owner)
@@ -317,6 +349,7 @@ class Keeper:
         deadline = self.clock.monotonic() + self.timing.demote_budget
         limiter = anyio.CapacityLimiter(DEMOTES_AT_ONCE)
         self._disowned.update(owners)
+        self._demoted.update({pair: owner.term for pair, owner in owners.items()})
         self.working += len(owners)
 
         async def one(owner: Owner) -> None:
@@ -358,6 +391,7 @@ class Keeper:
     async def _demote_one(self, owner: Owner, reason: str) -> None:
         try:
             await self._demote_all({owner.pair: owner}, reason)
+            await self._save()
         finally:
             self.working -= 1
 
@@ -398,7 +432,7 @@ class Keeper:
             if mine is None and pair in self._disowned:
                 return  # demoted here: never taken back by the keeper itself
             self._own(now)
-            if mine is None:
+            if mine is None and pair not in self._claiming:
                 log.warning("arbiter: %s was handed to this site (term %d)", pair, now.term)
                 if self.on_gained is not None:
                     self.on_gained(pair, now.term)
@@ -437,7 +471,11 @@ class Keeper:
                     raise Refusal("owner_taken", mine)
                 if holder is None or await self._deleted(holder, view.revision, deadline):
                     break
-            owner = await self._ask(self.store.claim, pair, self.site, lease)
+            self._claiming.add(pair)  # (its watch event is this claim, not a handover)
+            try:
+                owner = await self._ask(self.store.claim, pair, self.site, lease)
+            finally:
+                self._claiming.discard(pair)
             if lease != self.lease:
                 raise LeaseLost(f"lease {lease:x} was given up while {pair} was claimed")
         except OwnerTaken as err:
@@ -471,11 +509,23 @@ class Keeper:
         if lease != self.lease:
             raise LeaseLost(f"lease {lease:x} was given up while {pair} was claimed")
         self._own(owner)
+        await self._save()  # (no longer "demoted here")
         return owner.term
 
     async def release(self, pair: str) -> None:
         """Demote ``pair`` here (journaled), then delete its owner key."""
         await self._ask(self.store.release, await self._drop(pair, "released by the operator"))
+
+    async def abandon(self, pair: str) -> None:
+        """The lab's dead host: ``pair``'s ownership ends as its own lease's expiry would
+        end it (its key deleted, no demote: a dead host runs nothing), and it is never
+        taken back by this keeper.  Only the demo's ``kill-host`` uses this."""
+        owner = self._owned.pop(pair, None)
+        if owner is None:
+            return
+        self._disowned.add(pair)
+        log.warning("arbiter: %s abandoned (the lab killed its host): key deleted", pair)
+        await self._ask(self.store.release, owner)
 
     async def hand_over(self, pair: str, site: str) -> int:
         """Demote ``pair`` here (journaled), then move it to ``site``; the new term."""
@@ -518,7 +568,9 @@ class Keeper:
         if self.state_file is not None:
             self.working += 1
             try:
-                await anyio.to_thread.run_sync(write_state, self.state_file, self.site, self.lease)
+                await anyio.to_thread.run_sync(
+                    write_state, self.state_file, self.site, self.lease, dict(self._demoted)
+                )
             except OSError as err:
                 log.error("arbiter: cannot write %s: %s", self.state_file, err)
             finally:

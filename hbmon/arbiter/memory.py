@@ -36,6 +36,7 @@ from hbmon.arbiter.base import (
     owner_value,
     parse_owner,
     parse_term,
+    parse_term_site,
     site_value,
     term_value,
 )
@@ -152,6 +153,7 @@ class MemoryStore(Store):
         await self._enter("view")
         owners: dict[str, Owner] = {}
         terms: dict[str, int] = {}
+        last_owner: dict[str, str] = {}
         sites: dict[str, int] = {}
         foreign: list[str] = []
         base = self.prefix.rstrip("/") + "/"
@@ -162,13 +164,15 @@ class MemoryStore(Store):
                     owners[name] = parse_owner(name, item.value, item.mod_revision)
                 elif kind == TERM and name:
                     terms[name] = parse_term(name, item.value)
+                    if (took := parse_term_site(name, item.value)) is not None:
+                        last_owner[name] = took
                 elif kind == SITE and name:
                     sites[name] = _parse_site(name, item.value)
                 else:
                     foreign.append(key)
             except ArbiterUnavailable:
                 foreign.append(key)
-        return OwnerView(self.revision, owners, terms, sites, tuple(foreign))
+        return OwnerView(self.revision, owners, terms, sites, tuple(foreign), last_owner)
 
     async def register(self, site: str, lease: int) -> None:
         await self._enter("register")
@@ -188,7 +192,7 @@ class MemoryStore(Store):
             term = self._term(pair) + 1
         revision = self._bump()
         if held is None:
-            self._put(self.key(TERM, pair), term_value(term), 0, revision)
+            self._put(self.key(TERM, pair), term_value(term, site), 0, revision)
         self._put(key, owner_value(site, term, lease), lease, revision)
         self._notify(key)
         return Owner(pair, site, term, lease, revision)
@@ -218,7 +222,7 @@ class MemoryStore(Store):
             raise LeaseLost(f"site {site!r} holds no lease at the arbiter (is its hbmon running?)")
         term = self._term(owner.pair) + 1
         revision = self._bump()
-        self._put(self.key(TERM, owner.pair), term_value(term), 0, revision)
+        self._put(self.key(TERM, owner.pair), term_value(term, site), 0, revision)
         self._put(key, owner_value(site, term, registered.lease), registered.lease, revision)
         self._notify(key)
         return Owner(owner.pair, site, term, registered.lease, revision)

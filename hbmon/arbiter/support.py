@@ -196,12 +196,26 @@ def read_state(path: Path | None, site: str) -> int | None:
     return lease if isinstance(lease, int) and not isinstance(lease, bool) else None
 
 
-def write_state(path: Path, site: str, lease: int | None) -> None:
+def read_demoted(path: Path | None, site: str) -> dict[str, int]:
+    """pair -> the term at which this site demoted it (never taken back at that term)."""
+    try:
+        doc = json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return {}
+    demoted = doc.get("demoted") if isinstance(doc, dict) and doc.get("site") == site else None
+    if not isinstance(demoted, dict):
+        return {}
+    return {p: t for p, t in demoted.items() if isinstance(t, int) and not isinstance(t, bool)}
+
+
+def write_state(
+    path: Path, site: str, lease: int | None, demoted: Mapping[str, int] | None = None
+) -> None:
     """Replace ``path`` atomically (write, fsync, rename, fsync the directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"site": site, "lease": lease}, f)
+        json.dump({"site": site, "lease": lease, "demoted": dict(demoted or {})}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
