@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         help='failover command run on a guarded HbmonHostDown alert; "{pair}" is replaced '
         "(default: append to failovers.log in the demo folder)",
     )
+    demo.add_argument(
+        "--demote",
+        help='demote command of each [[beat]] (with the arbiter); "{pair}" is replaced '
+        "(default: append to demotes.log in the demo folder)",
+    )
+    demo.add_argument(
+        "--etcd", default="etcd", help="etcd binary for the arbiter ('' runs the arbiter off)"
+    )
     demo.add_argument("--webhook-token-file", help="bearer token file for the webhook")
     demo.add_argument("--hold-down", default="10m", help="failover hold-down per pair")
 
@@ -101,10 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
             "corrupt",
             "hang-read",
             "truncate",
+            "isolate-site",
+            "cut-wan",
+            "isolate-witness",
+            "pause-site",
             "heal",
         ],
     )
-    lab.add_argument("pair", nargs="?", help="the pair (optional for cut-link and partition)")
+    lab.add_argument(
+        "pair",
+        nargs="?",
+        help="the pair (optional for cut-link and partition), or the SITE of isolate-site "
+        "and pause-site",
+    )
+    lab.add_argument("seconds", nargs="?", type=float, help="pause-site: for how long")
     lab.add_argument("--url", help="the demo's URL (found automatically when one demo runs)")
 
     arb = sub.add_parser("arbiter", help="ownership at the arbiter (etcd)")
@@ -404,18 +422,24 @@ def cmd_config(args: argparse.Namespace) -> int:
 # -- failover -------------------------------------------------------------------------
 
 
-def cmd_failover(args: argparse.Namespace) -> int:
-    from urllib.parse import quote
-
-    target = f"{args.url.rstrip('/')}/api/v1/failover/{quote(args.pair, safe='')}"
+def ask_daemon(request: urllib.request.Request, timeout: float) -> Any:
+    """The JSON answer of a running daemon; HbmonError naming the URL otherwise."""
+    target = request.full_url
     try:
-        with urllib.request.urlopen(target, timeout=10) as resp:
-            doc = json.load(resp)
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.load(resp)
     except urllib.error.HTTPError as err:
         detail = err.read().decode(errors="replace")
         raise HbmonError(f"{target}: HTTP {err.code}: {detail}") from None
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise HbmonError(f"cannot reach {target}: {err}") from None
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    target = f"{args.url.rstrip('/')}/api/v1/failover/{quote(args.pair, safe='')}"
+    doc = ask_daemon(urllib.request.Request(target), 10)
     if doc["action"] == "failover":
         print(f"{args.pair}: an HbmonHostDown alert would run: {' '.join(doc['command'])}")
     else:
@@ -467,14 +491,7 @@ def _handover(args: argparse.Namespace) -> int:
         method="POST",
         headers={"Authorization": f"Bearer {token.decode()}", "Content-Type": "application/json"},
     )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            doc = json.load(resp)
-    except urllib.error.HTTPError as err:
-        detail = err.read().decode(errors="replace")
-        raise HbmonError(f"{target}: HTTP {err.code}: {detail}") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise HbmonError(f"cannot reach {target}: {err}") from None
+    doc = ask_daemon(request, 60)
     print(f"{args.pair}: handed over to {doc['site']} at term {doc['term']}")
     return 0
 
@@ -497,6 +514,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         interval = parse_duration(args.interval)
         hold_down = parse_duration(args.hold_down)
         failover = tuple(shlex.split(args.failover)) if args.failover else ()
+        demote = tuple(shlex.split(args.demote)) if args.demote else ()
     except ValueError as err:
         raise UsageError(str(err)) from None
     opts = DemoOptions(
@@ -507,6 +525,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         interval=interval,
         keep=args.keep,
         failover=failover,
+        demote=demote,
+        etcd=args.etcd,
         webhook_token_file=Path(args.webhook_token_file) if args.webhook_token_file else None,
         hold_down=hold_down,
     )
@@ -523,7 +543,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from hbmon.lab import find_demo_url, lab_request
 
     url = args.url or find_demo_url()
-    print(lab_request(url, args.action, args.pair))
+    print(lab_request(url, args.action, args.pair, args.seconds))
     return 0
 
 

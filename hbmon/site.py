@@ -117,6 +117,7 @@ class Site:
         )
         if self.keeper is not None:
             self.keeper.on_gained = self._handed_over
+            self.keeper.on_change = self.table.rejudge
         components = Components(
             poller=self.poller.statistics,
             listener=self.listener.statistics if self.listener is not None else None,
@@ -162,6 +163,8 @@ class Site:
                 )
                 task_status.started(self.address)
                 tg.start_soon(self._freeze_heap)
+                if self.keeper is not None:
+                    tg.start_soon(self._rejudge_silent)
         finally:
             self.beater.close()
             if self.sender is not None:
@@ -180,6 +183,17 @@ class Site:
             await self.poller.all_read.wait()
         gc.collect()
         gc.freeze()
+
+    async def _rejudge_silent(self) -> None:
+        """Once a second, the verdict of every pair whose every path is stale, again: it
+        turns on what the arbiter says of the owner (``isolated`` or ``host_down``), which
+        can change with no new row state (the owner's key deleted, the arbiter lost)."""
+        while True:
+            await self.clock.sleep_until(self.clock.monotonic() + 1.0)
+            now = self.clock.monotonic()
+            for pair in list(self.table.pairs.values()):
+                if pair.verdict in ("isolated", "host_down"):
+                    pair.rejudge(now)
 
     def _demote_for(self, pair: str) -> tuple[str, ...]:
         watched = self.table.pairs.get(pair)

@@ -9,16 +9,21 @@ as "the private TMPDIR is empty again".  Each demo runs in its own session
 (``start_new_session``): "no process left" is checked as "no process in that session".
 
 Site layout of the demo: osaka serves HTTP on PORT, tokyo on PORT+1; osaka-NN pairs are
-beaten by osaka and watched by tokyo, tokyo-NN pairs the other way round.
+beaten by osaka and watched by tokyo, tokyo-NN pairs the other way round.  With the etcd
+binary on PATH every demo runs its 3-member etcd cluster as the sites' arbiter (it forms
+before the sites start, ~1-3 s); the tests of the etcd faults need it.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import fcntl
 import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -27,12 +32,14 @@ import sys
 import termios
 import time
 import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from conftest import need
 from helpers import free_port_pair, http_get, parse_metrics
 
 INTERVAL = 0.25  # --interval 250ms
@@ -208,6 +215,7 @@ def start_demo(
     pairs: int = PAIRS,
     interval: str | None = "250ms",
     stdout: int | None = None,
+    path: str | None = None,
 ) -> Demo:
     """Start ``hbmon demo`` on a free port pair; returns once both sites answer /healthz
     and the demo has announced itself (demo.json, written just before the banner)."""
@@ -221,6 +229,8 @@ def start_demo(
     err_path = tmp / "demo.stderr"
     out_path = None if stdout is not None else tmp / "demo.stdout"
     env = private_env(tmpdir)
+    if path is not None:
+        env["PATH"] = path  # (where the demo looks for etcd)
     with err_path.open("wb") as err:
         out: IO[bytes] | int
         if out_path is not None:
@@ -757,6 +767,299 @@ def test_lab_finds_the_one_running_demo_without_url(healthy: Demo) -> None:
     print(f"[demo] heal (no --url) -> all alive: {took:.2f} s")
 
 
+# -- the arbiter's links (a real etcd cluster behind the lab's proxies) ----------------------
+
+ETCD_ATTEMPT = 1.0  # seconds for one put through one endpoint
+ETCD_SETTLE = 10.0  # an election, or the cluster whole again after a heal
+
+
+def need_etcd() -> None:
+    need(shutil.which("etcd") is not None, "etcd not found (Debian package: etcd-server)")
+
+
+def demo_info(demo: Demo) -> dict[str, Any]:
+    """The demo's demo.json (where ``hbmon lab`` finds it)."""
+    (path,) = demo.tmpdir.glob("hbmon-demo-*/demo.json")
+    info: dict[str, Any] = json.loads(path.read_text())
+    return info
+
+
+def etcd_put(url: str, key: str) -> str | None:
+    """A put through etcd's JSON gateway at ``url``: None when it was written, else why not."""
+    value = base64.b64encode(str(time.time()).encode()).decode()
+    body = json.dumps({"key": base64.b64encode(key.encode()).decode(), "value": value})
+    request = urllib.request.Request(f"{url}/v3/kv/put", data=body.encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=ETCD_ATTEMPT) as resp:
+            doc = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None if "header" in doc else f"no header in {doc}"
+
+
+def site_writes(demo: Demo, site: str) -> tuple[bool, dict[str, str]]:
+    """A put through ``site``'s [arbiter] endpoints in turn, as its hbmon would try them."""
+    failures = {}
+    for url in demo_info(demo)["arbiter"]["endpoints"][site]:
+        why = etcd_put(url, f"/lab-test/{site}")
+        if why is None:
+            return True, failures
+        failures[url] = why
+    return False, failures
+
+
+def wait_writes(demo: Demo, site: str, *, within: float = ETCD_SETTLE) -> float:
+    start = time.monotonic()
+    while True:
+        ok, failures = site_writes(demo, site)
+        if ok:
+            return time.monotonic() - start
+        if time.monotonic() - start > within:
+            pytest.fail(f"{site} cannot write to etcd within {within:g} s: {failures}")
+        time.sleep(0.1)
+
+
+def wait_stale(demo: Demo, pairs: list[str], *, since: float, timeout: float) -> float:
+    """Until every path of every pair in ``pairs`` is stale at the site that watches it."""
+    while True:
+        states = {
+            (p, path): look(demo.watcher(p)).row(p, path)["state"]
+            for p in pairs
+            for path in ("volume", "network")
+        }
+        if set(states.values()) == {"stale"}:
+            return time.monotonic() - since
+        if time.monotonic() - since > timeout:
+            pytest.fail(f"not every path stale after {timeout:g} s: {states}\n{demo.tail()}")
+        time.sleep(POLL)
+
+
+def lab_state(demo: Demo) -> dict[str, Any]:
+    code, body = http_get(demo.osaka + "/lab")
+    assert code == 200, body
+    state: dict[str, Any] = json.loads(body)
+    return state
+
+
+def test_demo_sites_use_the_etcd_cluster_as_arbiter(demo: Demo) -> None:
+    need_etcd()
+    out = demo.stdout()
+    assert re.search(r"^  arbiter   etcd 3\.\S+: members osaka, tokyo, witness", out, re.M), out
+    for command in ("isolate-site osaka", "cut-wan", "isolate-witness", "pause-site osaka 20"):
+        assert command in out
+    info = demo_info(demo)["arbiter"]
+    folder = demo.folder()
+    for site in ("osaka", "tokyo"):
+        res = hbmon("config", "check", str(folder / f"{site}.toml"), env=demo.env)
+        assert res.returncode == 0, res.stderr
+        assert "arbiter 3 endpoint(s), lease_ttl 10 s" in res.stdout, res.stdout
+        text = (folder / f"{site}.toml").read_text()
+        assert f"endpoints = {json.dumps(info['endpoints'][site])}" in text
+        assert 'prefix = "/hbmon-demo"' in text
+        assert text.count("demote = [") == PAIRS // 2, text  # one per [[beat]]
+        assert "demotes.log" in text
+        ok, failures = site_writes(demo, site)
+        assert ok, failures
+    assert set(info["members"]) == {"osaka", "tokyo", "witness"}
+
+
+def test_cut_wan_leaves_the_witness_to_both_sites(healthy: Demo) -> None:
+    need_etcd()
+    demo = healthy
+    since = demo.lab("cut-wan")
+    took = wait_stale(demo, ALL_PAIRS, since=since, timeout=FAULT_DEADLINE)
+    report("cut-wan -> every path of every pair stale", took)
+    state = lab_state(demo)
+    assert state["links_cut"] == [["osaka", "tokyo"]], state
+    assert (state["cut"], state["partitioned"]) == ("all", "all"), state
+    for site in ("osaka", "tokyo"):  # the witness carries both sites' arbiter traffic
+        print(f"[demo] cut-wan: {site} writes to etcd after {wait_writes(demo, site):.2f} s")
+    # (host_down until the sites run their keepers; then `isolated`: the owners' leases live)
+    verdicts = {p: look(demo.watcher(p)).json_verdicts[p] for p in ALL_PAIRS}
+    assert set(verdicts.values()) <= {"host_down", "isolated"}, verdicts
+
+
+def serials(demo: Demo, pair: str) -> dict[str, int]:
+    """The serial of each path's newest record of ``pair`` at the site that watches it."""
+    view = look(demo.watcher(pair))
+    return {path: int(view.row(pair, path)["serial"]) for path in ("volume", "network")}
+
+
+def wait_beats(demo: Demo, pair: str, after: dict[str, int], *, since: float) -> float:
+    """Until both paths of ``pair`` carry newer records than ``after``."""
+    while True:
+        now = serials(demo, pair)
+        if all(now[p] > after[p] for p in after):
+            return time.monotonic() - since
+        if time.monotonic() - since > RECOVER_TIMEOUT:
+            pytest.fail(f"{pair}: no new records after {after}: {now}\n{demo.tail()}")
+        time.sleep(POLL)
+
+
+def test_isolated_site_loses_etcd_and_heal_restores(tmp_path: Path) -> None:
+    """isolate-site osaka: osaka reaches no quorum (each endpoint fails within its timeout),
+    tokyo does; every path between the sites goes silent; heal restores all of it.  (A
+    demo of its own: with its keeper, isolated osaka demotes and does not take back.)"""
+    need_etcd()
+    demo = start_demo(tmp_path, pairs=2)
+    try:
+        wait_verdicts(
+            demo, {"osaka-01": "alive", "tokyo-01": "alive"}, since=demo.started, timeout=8
+        )
+        since = demo.lab("isolate-site", "osaka")
+        assert lab_state(demo)["links_cut"] == [["osaka", "tokyo"], ["osaka", "witness"]]
+        start = time.monotonic()
+        ok, failures = site_writes(demo, "osaka")
+        took = time.monotonic() - start
+        print(f"\n[demo] isolate-site osaka: osaka's puts failed in {took:.2f} s: {failures}")
+        assert not ok, "osaka wrote to etcd while isolated"
+        assert took < 3 * ETCD_ATTEMPT + 1.0
+        print(f"[demo] isolate-site osaka: tokyo writes after {wait_writes(demo, 'tokyo'):.2f} s")
+        wait_stale(demo, ["osaka-01", "tokyo-01"], since=since, timeout=FAULT_DEADLINE)
+        before = {pair: serials(demo, pair) for pair in ("osaka-01", "tokyo-01")}
+        since = demo.lab("heal")
+        assert lab_state(demo)["links_cut"] == []
+        for pair, after in before.items():
+            took = wait_beats(demo, pair, after, since=since)
+            print(f"[demo] heal: records of {pair} on both paths again after {took:.2f} s")
+        print(f"[demo] heal: osaka writes to etcd after {wait_writes(demo, 'osaka'):.2f} s")
+    finally:
+        demo.stop()
+        demo.cleanup()
+
+
+def etcd_call(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        doc: dict[str, Any] = json.load(resp)
+        return doc
+
+
+def make_leader(demo: Demo, name: str) -> None:
+    """etcd's own leadership transfer, sent to the leader; waits until ``name`` leads."""
+    members = demo_info(demo)["arbiter"]["members"]
+    ids = {
+        int(m["ID"]): m["name"]
+        for m in etcd_call(members[name], "/v3/cluster/member/list", {})["members"]
+    }
+    target = next(i for i, n in ids.items() if n == name)
+    deadline = time.monotonic() + ETCD_SETTLE
+    while True:
+        leader = ids.get(int(etcd_call(members[name], "/v3/maintenance/status", {})["leader"]))
+        if leader == name:
+            return
+        if leader is not None:
+            with contextlib.suppress(urllib.error.URLError, OSError):
+                etcd_call(
+                    members[leader], "/v3/maintenance/transfer-leadership", {"targetID": target}
+                )
+        assert time.monotonic() < deadline, f"{name} does not lead (leader: {leader})"
+        time.sleep(0.2)
+
+
+def test_isolate_witness_changes_no_verdict(healthy: Demo) -> None:
+    """Even when the witness leads: osaka and tokyo elect a new leader before either
+    site's lease is due (no demote, not a verdict changes)."""
+    need_etcd()
+    demo = healthy
+    make_leader(demo, "witness")
+    offset = log_offset(demo)
+    demo.lab("isolate-witness")
+    assert lab_state(demo)["links_cut"] == [["osaka", "witness"], ["tokyo", "witness"]]
+    for site in ("osaka", "tokyo"):  # osaka and tokyo are a quorum without the witness
+        print(f"\n[demo] isolate-witness: {site} writes after {wait_writes(demo, site):.2f} s")
+    watch = Watch()
+    hold(demo, 2 * INTERVAL * MISS_THRESHOLD, watch)
+    hold(demo, 10.0 / 3 + 1.0, watch)  # (past the next renewal of both leases)
+    logged = logged_verdicts(demo, offset)
+    for pair in ALL_PAIRS:
+        assert watch.seen[pair] == {"alive"}, (pair, watch.seen[pair], logged, demo.tail())
+    assert logged == {}, demo.tail()
+    with demo.err_path.open("rb") as f:
+        f.seek(offset)
+        assert b"demote of" not in f.read(), demo.tail()
+
+
+def test_lab_site_faults_bad_usage(healthy: Demo) -> None:
+    demo = healthy
+    for args, words in (
+        (["isolate-site"], "needs a SITE"),
+        (["isolate-site", "witness"], "needs a SITE"),
+        (["pause-site", "osaka"], "needs SECONDS"),
+        (["pause-site", "osaka", "0"], "needs SECONDS"),
+        (["pause-site", "nowhere", "5"], "'nowhere'"),
+        (["cut-wan", "osaka-01"], "takes no PAIR"),
+    ):
+        res = hbmon("lab", *args, "--url", demo.osaka, env=demo.env)
+        assert res.returncode == 2, (args, res)
+        assert words in res.stderr, (args, res.stderr)
+    state = lab_state(demo)
+    assert (state["links_cut"], state["paused"]) == ([], {}), state
+
+
+def test_pause_site_freezes_the_whole_site_then_it_resumes(tmp_path: Path) -> None:
+    """pause-site osaka: osaka writes no beat and reads no volume while paused (tokyo sees
+    every path of osaka's pairs go stale; osaka's volume row of tokyo's pair stands still),
+    then it carries on by itself as the same writer.  (A demo of its own: the writer it
+    was stays flagged, and with its keeper osaka demotes on resume.)"""
+    demo = start_demo(tmp_path, pairs=2)
+    try:
+        wait_verdicts(
+            demo, {"osaka-01": "alive", "tokyo-01": "alive"}, since=demo.started, timeout=8
+        )
+        incarnation = look(demo.tokyo).row("osaka-01", "volume")["incarnation"]
+        pause = 4.0
+        since = time.monotonic()
+        res = hbmon("lab", "pause-site", "osaka", f"{pause:g}", "--url", demo.osaka, env=demo.env)
+        assert res.returncode == 0, res.stderr
+        assert f"paused for {pause:g} s" in res.stdout, res.stdout
+        assert 0 < lab_state(demo)["paused"]["osaka"] <= pause
+        took = wait_stale(demo, ["osaka-01"], since=since, timeout=FAULT_DEADLINE)
+        report("pause-site osaka -> every path of osaka-01 stale on tokyo", took)
+        read = look(demo.osaka).row("tokyo-01", "volume")["serial"]
+        written = serials(demo, "osaka-01")
+        time.sleep(max(0.0, since + pause - 0.5 - time.monotonic()))  # (still paused)
+        assert look(demo.osaka).row("tokyo-01", "volume")["serial"] == read, "osaka polled"
+        assert serials(demo, "osaka-01") == written, "osaka beat while paused"
+        took = wait_beats(demo, "osaka-01", written, since=since + pause)
+        print(f"[demo] pause-site osaka {pause:g}: beating again {took:.2f} s after the pause")
+        row = look(demo.tokyo).row("osaka-01", "volume")
+        assert row["incarnation"] == incarnation, "a paused site resumes as the same writer"
+        assert look(demo.osaka).row("tokyo-01", "volume")["serial"] > read, "osaka polls again"
+        assert lab_state(demo)["paused"] == {}
+        print(f"[demo] pause-site osaka: then osaka-01 is {look(demo.tokyo).json_verdicts}")
+    finally:
+        demo.stop()
+        demo.cleanup()
+
+
+def test_without_etcd_the_arbiter_is_off(tmp_path: Path) -> None:
+    """No etcd binary on PATH: the demo says so, writes no [arbiter], and still runs."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    demo = start_demo(tmp_path, pairs=2, path=str(empty))
+    try:
+        out = demo.stdout()
+        off = (
+            "arbiter off: etcd not found (install etcd-server); "
+            "host_down failovers will be refused as no_arbiter"
+        )
+        assert off in out, out
+        assert "isolate-witness" not in out
+        assert demo_info(demo)["arbiter"] is None
+        assert "[arbiter]" not in (demo.folder() / "osaka.toml").read_text()
+        assert not (demo.folder() / "etcd").exists()
+        res = hbmon("lab", "isolate-witness", "--url", demo.osaka, env=demo.env)
+        assert res.returncode == 2, res
+        assert "there is no witness" in res.stderr
+        since = demo.lab("cut-wan")
+        wait_stale(demo, ["osaka-01", "tokyo-01"], since=since, timeout=FAULT_DEADLINE)
+        assert lab_state(demo)["links_cut"] == []
+    finally:
+        demo.stop()
+        demo.cleanup()
+
+
 # -- bad usage --------------------------------------------------------------------------------
 
 
@@ -795,16 +1098,20 @@ def test_demo_needs_two_pairs(tmp_path: Path) -> None:
 
 def test_duration_exits_zero_and_leaves_nothing(tmp_path: Path) -> None:
     demo = start_demo(tmp_path, "--duration", "3", pairs=4)
+    ready = time.monotonic()  # the 3 s count from here: the sites (and etcd) are up
     try:
         folder = demo.folder()
         assert folder.is_dir()
         code = demo.proc.wait(10)
     finally:
         demo.cleanup()
-    took = time.monotonic() - demo.started
-    print(f"\n[demo] --duration 3: exited {code} after {took:.2f} s (from start)")
+    took = time.monotonic() - ready
+    print(
+        f"\n[demo] --duration 3: exited {code} {took:.2f} s after it was ready "
+        f"({time.monotonic() - demo.started:.2f} s from start)"
+    )
     assert code == 0, demo.tail()
-    assert 3.0 <= took <= 6.0
+    assert 2.8 <= took <= 4.5  # (ready is seen within a polling round of the announcement)
     assert_gone(demo, folder)
 
 
@@ -870,7 +1177,9 @@ def test_live_table_on_a_terminal(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_thousand_pairs(tmp_path: Path) -> None:
-    demo = start_demo(tmp_path, pairs=2000, interval=None)  # the default 1 s interval
+    # The default 1 s interval; the arbiter off: with it each site first claims its 1000
+    # pairs at etcd, one transaction each (~160 a second here: 12.5 s for the 2000).
+    demo = start_demo(tmp_path, "--etcd", "", pairs=2000, interval=None)
     try:
         folder = demo.folder()
         deadline = demo.started + 15.0

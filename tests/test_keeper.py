@@ -165,7 +165,8 @@ async def test_renewals_every_third_of_the_ttl_and_steady_traffic_does_not_grow_
             mark, requests = len(store.sent), keeper.requests
             await run_for(clock, 60, keeper)
             seen[n] = (store.sent[mark:], keeper.requests - requests)
-            assert keeper.owner_state("p00042") == "alive"
+            assert keeper.status()["pairs"]["p00042"]["owner"] == "osaka"
+            assert keeper.owner_state("p00042") == "gone"  # (own: no other writer to wait on)
             kill.cancel()
     renewals = [(T0 + 5 * i, "keepalive") for i in range(1, 13)]  # every 5 s, from the send
     assert seen[100] == seen[10_000] == (renewals, 12)
@@ -357,7 +358,8 @@ async def test_a_restart_within_the_lease_keeps_ownership_and_term(
         assert store.calls["grant"] == 1
         await run_for(clock, 30, second)
         assert second.owned("db1")
-        assert second.owner_state("db1") == "alive"
+        assert second.status()["pairs"]["db1"]["owner"] == "osaka"
+        assert second.owner_state("db1") == "gone"  # (this site's own)
         kill.cancel()
     assert demotes(second) == []
     state = json.loads((tmp_path / "osaka.json").read_text())
@@ -408,7 +410,7 @@ async def test_an_unreachable_store_at_start_owns_nothing_until_it_answers(
         store.unavailable = False
         await run_for(clock, 1, keeper)
         assert keeper.owned("db1")  # the claim at start, made once the store answers
-        assert keeper.owner_state("db1") == "alive"
+        assert keeper.owner_state("db1") == "gone"  # current again (and this site's own)
         kill.cancel()
     assert demotes(keeper) == []
 

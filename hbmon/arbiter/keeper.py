@@ -107,6 +107,9 @@ class Keeper:
         # fail-back): the site runs that pair's failover command with the new term.
         self.on_gained: Callable[[str, int], None] | None = None
         self._claiming: set[str] = set()  # take_over's claims in flight
+        # Told the pair whose owner the view now shows differently (the verdict of a pair
+        # whose every path is stale depends on it).
+        self.on_change: Callable[[str], None] | None = None
 
     # -- what the others ask ------------------------------------------------------------
 
@@ -427,7 +430,10 @@ class Keeper:
         mine = self._owned.get(pair)
         if mine is not None and revision <= mine.revision:
             return  # older than what this keeper itself did
+        before = self.book.owners.get(pair)
         self.book.note(pair, now)
+        if self.on_change is not None and before != now:
+            self.on_change(pair)
         if now is not None and (now.site, now.lease) == (self.site, self.lease):
             if mine is None and pair in self._disowned:
                 return  # demoted here: never taken back by the keeper itself
