@@ -318,6 +318,14 @@ def read_starts(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def seconds(text: str) -> float:
+    """A Prometheus duration of one unit ("5s", "1m", "500ms") in seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text.strip())
+    if m is None:
+        raise ValueError(f"duration {text!r}: expected e.g. 5s, 1m or 500ms")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)]
+
+
 def toml_list(items: Sequence[str]) -> str:
     return "[" + ", ".join(json.dumps(str(i)) for i in items) + "]"
 
@@ -419,9 +427,14 @@ def make_rules(folder: Path, ov: Overrides) -> Path:
 
 
 def make_prometheus_config(
-    folder: Path, targets: list[str], alertmanager: str, ov: Overrides
+    folder: Path, targets: list[str], alertmanager: str, ov: Overrides,
+    external: dict[str, str] | None = None,
 ) -> Path:
     text = PROM_CONFIG.read_text()
+    if external:
+        labels = "".join(f"    {k}: {json.dumps(v)}\n" for k, v in external.items())
+        text = sub_exactly(r"^global:\s*\n", f"global:\n  external_labels:\n{labels}", text, 1,
+                           "prometheus.yml global")  # fmt: skip
     for key, value in (("scrape_interval", ov.scrape_interval),
                        ("evaluation_interval", ov.evaluation_interval)):  # fmt: skip
         if value is not None:
@@ -610,28 +623,40 @@ class Lab:
         self.b.wait_serving()
         conf = self.root / "conf"
         conf.mkdir()
-        make_rules(conf, self.ov)
         am_config = make_alertmanager_config(conf, self.port_b, self.token_file, self.ov)
-        prom_config = make_prometheus_config(
-            conf, [f"127.0.0.1:{self.port_a}", f"127.0.0.1:{self.port_b}"],
-            f"127.0.0.1:{self.am_port}", self.ov,
-        )  # fmt: skip
         am = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-        prom = shutil.which("prometheus")
-        if am is None or prom is None:
+        if am is None or shutil.which("prometheus") is None:
             raise RuntimeError("prometheus and prometheus-alertmanager must be installed")
         self.procs.start("alertmanager", [
             am, f"--config.file={am_config}", f"--storage.path={self.root / 'am-data'}",
             f"--web.listen-address=127.0.0.1:{self.am_port}", "--cluster.listen-address=",
             "--log.level=debug",
         ])  # fmt: skip
+        url = f"http://127.0.0.1:{self.am_port}/-/ready"
+        wait_until("alertmanager", lambda: self._ready("alertmanager", url), READY, 0.2)
+
+    def start_prometheus(self, n: int) -> None:
+        """A fresh Prometheus for round ``n``.  Prometheus derives the phase of its scrapes
+        from a hash of the target and its external labels, and the phase of a rule group's
+        evaluation from a hash of the group's name and file: one process would give every
+        round the same scrape-to-evaluation phase.  So each round gets its own process, an
+        external label ``bench_round`` and its own copy of the rules file (a folder per
+        round): the phases differ from round to round like the rest of the sample."""
+        self.procs.stop("prometheus")
+        conf = self.root / "conf" / f"r{n:03d}"
+        conf.mkdir(parents=True)
+        make_rules(conf, self.ov)
+        prom_config = make_prometheus_config(
+            conf, [f"127.0.0.1:{self.port_a}", f"127.0.0.1:{self.port_b}"],
+            f"127.0.0.1:{self.am_port}", self.ov, external={"bench_round": f"r{n:03d}"},
+        )  # fmt: skip
         self.procs.start("prometheus", [
-            prom, f"--config.file={prom_config}", f"--storage.tsdb.path={self.root / 'prom-data'}",
+            "prometheus", f"--config.file={prom_config}",
+            f"--storage.tsdb.path={self.root / 'prom-data' / f'r{n:03d}'}",
             f"--web.listen-address=127.0.0.1:{self.prom_port}",
         ])  # fmt: skip
-        for name, url in (("alertmanager", f"http://127.0.0.1:{self.am_port}/-/ready"),
-                          ("prometheus", f"{self.prom.url}/-/ready")):  # fmt: skip
-            wait_until(name, lambda url=url, name=name: self._ready(name, url), READY, 0.2)
+        url = f"{self.prom.url}/-/ready"
+        wait_until("prometheus", lambda: self._ready("prometheus", url), READY, 0.2)
 
     def _ready(self, name: str, url: str) -> bool:
         self.procs.check(name)
@@ -685,6 +710,7 @@ class Lab:
         pair = f"k{n:03d}"
         vol = self.vols / f"{pair}.vol"
         init_volume(vol, pair)
+        self.start_prometheus(n)
         folder = self.root / f"A-{pair}"
         self.a = Hbmon(self.a_config(pair, folder), folder / "hbmon-A.log", self.port_a, "info")
         try:
@@ -712,8 +738,26 @@ class Lab:
         time.sleep(1.0)  # (logs and journals written; the alert's samples stored)
         sample = Sample(pair, start["real"] - beat, beat, jitter, token=start["token"])
         sample.events = self.breakdown(pair, beat, killed, start["real"])
+        sample.note = self.phases(sample)
         vol.unlink()  # B's rescan drops the pair: its alerts resolve, the next is independent
         return sample
+
+    def phases(self, s: Sample) -> str:
+        """Where in the scrape and evaluation periods this round fell: the scrape that
+        first saw the pair not alive and the evaluation that fired the first alert, each
+        modulo its interval (differs from round to round: see start_prometheus)."""
+        settings = shipped_settings()
+        scrape = seconds(self.ov.scrape_interval or settings["scrape_interval"] or "5s")
+        every = seconds(self.ov.evaluation_interval or settings["evaluation_interval"] or "5s")
+        seen = s.events.get("scraped not alive")
+        fired = [s.events.get(f"{a} firing") for a in ACTING]
+        fire = min((f for f in fired if f is not None), default=None)
+        parts = []
+        if seen is not None:
+            parts.append(f"scrape at {(s.last_beat + seen) % scrape:.1f}")
+        if fire is not None:
+            parts.append(f"evaluation at {(s.last_beat + fire) % every:.1f}")
+        return ", ".join(parts) + f" s (mod {scrape:g}/{every:g} s)" if parts else ""
 
     def breakdown(self, pair: str, beat: float, killed: float, promote: float) -> dict[str, Any]:
         ev: dict[str, float | None] = {"kill -9": killed}
@@ -786,7 +830,7 @@ def sample_line(s: Sample, alert: str) -> str:
         f"{s.pair}: {s.latency:6.2f} s  (stale {fmt(e.get('stale at B (verdict)'), '', 2)}, "
         f"key deleted {fmt(key, '', 2)}, webhook {fmt(call, '', 2)} [{alert}], "
         f"promote {fmt(e.get('promote'), '', 2)}; token {s.token}; bound by {bound}; "
-        f"kill {s.jitter:.1f} s after ready)"
+        f"kill {s.jitter:.1f} s after ready; {s.note})"
     )
 
 
