@@ -6,9 +6,12 @@ Everything is real and on localhost: a 3-member etcd 3.4 cluster on 127.0.0.1 po
 Prometheus with the shipped ``deploy/prometheus/prometheus.yml`` and ``hbmon.rules.yml``
 scraping A and B, and a real Alertmanager with the shipped
 ``deploy/alertmanager/alertmanager.yml`` calling B's webhook.  The shipped files are
-rewritten only where they must be on a test machine: ports, targets, the token file path
-(and, only when asked with ``--for``/``--group-wait``/``--scrape-interval``/
-``--evaluation-interval``, the value named, to measure what a change would give).  The
+rewritten only where they must be on a test machine: ports, targets, the token file path,
+and one external label ``bench_round`` (each round has its own Prometheus and its own copy of
+the rules, so that each samples its own scrape and evaluation phase: see
+``Lab.start_prometheus``); and, only when asked with ``--for``/``--group-wait``/
+``--scrape-interval``/``--evaluation-interval``, the value named, to measure what a change
+would give.  The
 arbiter timing is hbmon's default (lease_ttl 15 s, request_timeout 2 s, demote_budget
 5 s) unless ``--lease-ttl`` etc. say otherwise; hbmon's interval and miss_threshold are its
 defaults (1 s, 3).  The "remote copy" is B reading A's PVOL file itself (the same file),
