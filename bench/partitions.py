@@ -80,6 +80,8 @@ from history import Report, analyze, mark, write_scripts  # noqa: E402
 from netns import Mirror  # noqa: E402
 
 from hbmon.arbiter.lease import MARGIN, LeaseTiming  # noqa: E402
+from hbmon.record import Record  # noqa: E402
+from hbmon.volume import claim_slot, open_volume, write_slot  # noqa: E402
 
 PYTHON = sys.executable
 UDP_PORT = 9798
@@ -261,16 +263,21 @@ def site_config(
 class Site:
     """``hbmon run`` inside a namespace of the lab."""
 
-    def __init__(self, net: EtcdNet, name: str, config: Path) -> None:
+    def __init__(
+        self, net: EtcdNet, name: str, config: Path, *, ns: str | None = None, port: int = HTTP_PORT
+    ) -> None:
+        """``name`` runs in namespace ``ns`` (default: the site of that name), its HTTP API
+        on the management address there, ``port`` (a second process at one site)."""
         self.net, self.name, self.config = net, name, config
+        self.ns = ns or name
         self.log = config.with_suffix(".log")
-        self.url = f"http://{net.mgmt[name]}:{HTTP_PORT}"
+        self.url = f"http://{net.mgmt[self.ns]}:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         argv = [PYTHON, "-m", "hbmon.cli", "run", "-c", str(self.config)]
         with self.log.open("ab") as log:
-            self.proc = self.net.run_in(self.name, argv, stdout=log, stderr=log, cwd=REPO)
+            self.proc = self.net.run_in(self.ns, argv, stdout=log, stderr=log, cwd=REPO)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -304,7 +311,7 @@ class Site:
         every process of the namespace but its etcd member."""
         keep = {p.pid for p in self.net.procs.values() if p is not None and p.poll() is None}
         out = subprocess.run(
-            ["ip", "netns", "pids", self.net.ns[self.name]], capture_output=True, text=True
+            ["ip", "netns", "pids", self.net.ns[self.ns]], capture_output=True, text=True
         ).stdout
         for pid in (int(x) for x in out.split()):
             if pid not in keep:
@@ -482,43 +489,67 @@ class Runner:
         self.token_file.chmod(0o600)
         self.prefix = "/hbmon-bench/unset"  # per schedule, set by _configs()
         self.volumes: tuple[Path, Path] = (root / "pvol.img", root / "svol.img")
+        self.scripts: tuple[Path, Path] = (root / "bin" / "promote.py", root / "bin" / "demote.py")
 
     # -- set-up --------------------------------------------------------------------------
 
     def _volumes(self, folder: Path) -> tuple[Path, Path]:
+        """The PVOL with an install record per pair (what ``hbmon volume init`` writes,
+        done in this process: a CLI start per pair costs seconds on a loaded machine), and
+        the SVOL as its copy."""
         pvol, svol = folder / "pvol.img", folder / "svol.img"
         with pvol.open("wb") as f:
             f.truncate(1 << 20)
-        for slot, pair in enumerate(self.pairs):
-            subprocess.run(
-                [PYTHON, "-m", "hbmon.cli", "volume", "init", str(pvol), "--id", pair,
-                 "--slot", str(slot)],
-                check=True, capture_output=True, cwd=REPO,
-            )  # fmt: skip
+        vol = open_volume(str(pvol), write=True)
+        try:
+            for slot, pair in enumerate(self.pairs):
+                claim_slot(vol, slot, pair)
+                record = Record(pair, 0, 0, time.time(), 1.0)  # (volume init's default)
+                write_slot(vol, slot, record.encode_block(vol.io_size))
+        finally:
+            vol.close()
         shutil.copyfile(pvol, svol)
         return pvol, svol
 
     def _configs(self, folder: Path, schedule: Schedule, history: Path) -> dict[str, Path]:
+        prefix = f"/hbmon-bench/s{schedule.index:04d}-{os.getpid()}"
+        return self.prepare(folder, history, prefix)
+
+    def prepare(
+        self,
+        folder: Path,
+        history: Path,
+        prefix: str,
+        *,
+        check: bool = True,
+        arbiter: bool | None = None,
+    ) -> dict[str, Path]:
+        """In ``folder``: the promote/demote scripts (appending to ``history``), the volumes
+        and both sites' configurations under ``prefix``, each checked with ``hbmon config
+        check`` unless ``check=False``; site -> path.  tests/test_arbiter_partitions.py
+        builds its cases on this."""
         promote, demote = write_scripts(folder / "bin", history)
         pvol, svol = self._volumes(folder)
-        prefix = f"/hbmon-bench/s{schedule.index:04d}-{os.getpid()}"
         self.prefix = prefix
         self.volumes = (pvol, svol)
+        self.scripts = (promote, demote)
         paths = {}
         for site, vol in (("A", pvol), ("B", svol)):
             text = site_config(
                 self.net, site, folder, pairs=self.pairs, pvol=vol, prefix=prefix,
                 timing=self.timing, key_file=self.key_file, token_file=self.token_file,
-                promote=promote, demote=demote, arbiter=self.arbiter,
+                promote=promote, demote=demote,
+                arbiter=self.arbiter if arbiter is None else arbiter,
             )  # fmt: skip
             path = folder / f"{site}.toml"
             path.write_text(text)
-            check = subprocess.run(
-                [PYTHON, "-m", "hbmon.cli", "config", "check", str(path)],
-                capture_output=True, text=True, cwd=REPO,
-            )  # fmt: skip
-            if check.returncode != 0:
-                raise RuntimeError(f"config check {path}: {check.stderr.strip()}")
+            if check:
+                proc = subprocess.run(
+                    [PYTHON, "-m", "hbmon.cli", "config", "check", str(path)],
+                    capture_output=True, text=True, cwd=REPO,
+                )  # fmt: skip
+                if proc.returncode != 0:
+                    raise RuntimeError(f"config check {path}: {proc.stderr.strip()}")
             paths[site] = path
         return paths
 
