@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -289,7 +290,7 @@ class Case:
         except (ValueError, KeyError, TypeError):
             return raw
 
-    def arbiter(self, name: str) -> dict[str, Any]:
+    def arbiter_status(self, name: str) -> dict[str, Any]:
         doc: dict[str, Any] = self.status(name)["arbiter"]
         return doc
 
@@ -450,7 +451,7 @@ def test_a_wan_cut_with_the_witness_reachable_is_isolated_and_never_fails_over(
     assert c.events("demote") == []
     assert c.started("B") == []
     assert c.owner() == ("A", term)
-    assert c.arbiter("A")["owned"] == [PAIR]
+    assert c.arbiter_status("A")["owned"] == [PAIR]
     c.heal()
     c.wait(lambda: c.verdict("B") == "alive", 10.0, "db0 alive at B after the heal")
     print(f"isolated from {seen[first][0] - t_cut:.2f} s after the cut, {len(refused)} "
@@ -480,10 +481,10 @@ def test_an_isolated_owner_demotes_then_the_other_site_fails_over_once(
 
     c.heal()
     # A gets a lease again, but never takes the pair back; its beats say standby
-    c.wait(lambda: c.arbiter("A")["up"] and c.arbiter("A")["lease"], 10.0, "A's new lease")
+    c.wait(lambda: (a := c.arbiter_status("A"))["up"] and a["lease"], 10.0, "A's new lease")
     c.sample(2 * RENEW, lambda: None)
     assert c.owner() == ("B", term + 1)
-    assert c.arbiter("A")["owned"] == []
+    assert c.arbiter_status("A")["owned"] == []
     assert metric_value(c.metrics("A"), "hbmon_pair_owned", pair=PAIR) == 0.0
     show = subprocess.run(
         [PYTHON, "-m", "hbmon.cli", "volume", "show", str(c.runner.volumes[0]), "--slot", "0",
@@ -511,7 +512,7 @@ def test_an_isolated_standby_gets_no_quorum_and_the_owner_keeps_the_pair(
     c = cases()
     c.start()
     term = c.initial[PAIR]
-    lease = c.arbiter("A")["lease"]
+    lease = c.arbiter_status("A")["lease"]
     c.start_alerts()
     t_iso = c.isolate("B")
     c.wait(lambda: c.refusals("B", "no_quorum"), STALE_WITHIN + 4 * RT + 3, "no_quorum at B")
@@ -520,7 +521,7 @@ def test_an_isolated_standby_gets_no_quorum_and_the_owner_keeps_the_pair(
     assert c.events("demote") == []
     assert c.started("B") == []
     assert c.owner() == ("A", term)
-    a = c.arbiter("A")
+    a = c.arbiter_status("A")
     assert (a["up"], a["lease"], a["owned"]) == (True, lease, [PAIR])
     assert metric_value(c.metrics("B"), "hbmon_arbiter_up") == 0.0
     c.heal()
@@ -532,16 +533,16 @@ def test_an_isolated_witness_changes_nothing(cases: Callable[..., Case]) -> None
     c = cases()
     c.start()
     term = c.initial[PAIR]
-    lease = c.arbiter("A")["lease"]
+    lease = c.arbiter_status("A")["lease"]
     c.start_alerts()
     leader = c.net.leader()
     c.isolate("W")
-    seen = c.sample(1.5 * TTL, lambda: (c.verdict("B"), c.arbiter("A")["up"]))
+    seen = c.sample(1.5 * TTL, lambda: (c.verdict("B"), c.arbiter_status("A")["up"]))
     assert {v for _, v in seen} == {("alive", True)}, seen
     assert c.events("promote") == []
     assert c.events("demote") == []
     assert c.owner(via="B") == ("A", term)
-    a = c.arbiter("A")
+    a = c.arbiter_status("A")
     assert (a["lease"], a["owned"]) == (lease, [PAIR])
     assert {e.get("code") for e in c.journal("B")} == {"table_disagrees"}
     print(f"etcd leader was {leader}")
@@ -621,7 +622,7 @@ def test_killing_the_etcd_leader_in_steady_state_costs_no_demote_and_no_failover
     c = cases()
     c.start()
     term = c.initial[PAIR]
-    lease = c.arbiter("A")["lease"]
+    lease = c.arbiter_status("A")["lease"]
     c.start_alerts()
     leader = c.net.leader()
     assert leader is not None
@@ -637,7 +638,7 @@ def test_killing_the_etcd_leader_in_steady_state_costs_no_demote_and_no_failover
     assert c.events("promote") == []
     assert c.events("demote") == []
     assert c.owner() == ("A", term)
-    a = c.arbiter("A")
+    a = c.arbiter_status("A")
     assert (a["up"], a["lease"], a["owned"]) == (True, lease, [PAIR])
     assert [e for e in c.journal("A") if e.get("event") == "demote"] == []
     print(f"leader {leader} killed: {new_leader} elected in {elected:.2f} s")
@@ -820,6 +821,7 @@ def test_without_an_arbiter_host_down_is_refused_unless_the_pair_opts_in(
     cases: Callable[..., Case],
 ) -> None:
     c = cases(pairs=2, arbiter=False)
+    c.edit("B", 'hold_down = "1s"', 'hold_down = "60s"')  # (one failover per hold-down)
     c.edit("B", "failover_without_arbiter = true\n", "")  # bench's top-level opt-in: off
     c.edit("B", 'id = "db1"\n', 'id = "db1"\nfailover_without_arbiter = true\n')
     c.start()
@@ -879,24 +881,31 @@ def test_a_timing_that_breaks_the_rule_is_rejected_naming_the_keys(tmp_path: Pat
 
 
 _FAKE_ETCD = r"""
-import sys
+import asyncio, sys
 from aiohttp import web
 
-async def handle(request):
-    mode = request.match_info["mode"]
-    await request.read()
-    if mode == "notjson":
-        return web.Response(text="<html><body>502 Bad Gateway (a proxy)</body></html>")
-    if mode == "noheader":
-        return web.json_response({"result": {"kvs": []}, "kvs": []})
-    return web.json_response({"header": {"cluster_id": "1"}})  # "nofields"
+def app(mode):
+    async def handle(request):
+        await request.read()
+        if mode == "notjson":
+            return web.Response(text="<html><body>502 Bad Gateway (a proxy)</body></html>")
+        if mode == "noheader":
+            return web.json_response({"result": {"kvs": []}, "kvs": []})
+        return web.json_response({"header": {"cluster_id": "1"}})  # nofields
+    made = web.Application()
+    made.router.add_post("/v3/{path:.*}", handle)
+    return made
 
-app = web.Application()
-app.router.add_post("/{mode}/v3/{path:.*}", handle)
-def ready(*_):
+async def main():
+    for arg in sys.argv[1:]:  # MODE:PORT
+        mode, port = arg.split(":")
+        runner = web.AppRunner(app(mode))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", int(port)).start()
     print("ready", flush=True)
+    await asyncio.Event().wait()
 
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=ready)
+asyncio.run(main())
 """
 
 
@@ -913,12 +922,12 @@ def pki(tmp_path: Path) -> Path:
 
 
 def _fake_etcd(tmp_path: Path) -> tuple[list[str], Callable[[], None]]:
-    port = free_port()
+    modes = {mode: free_port() for mode in ("notjson", "noheader", "nofields")}
     script = tmp_path / "fake_etcd.py"
     script.write_text(_FAKE_ETCD)
     proc = subprocess.Popen(
-        [PYTHON, str(script), str(port)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        text=True,
+        [PYTHON, str(script), *(f"{m}:{p}" for m, p in modes.items())],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
@@ -929,8 +938,7 @@ def _fake_etcd(tmp_path: Path) -> tuple[list[str], Callable[[], None]]:
         assert proc.stdout is not None
         proc.stdout.close()
 
-    url = f"http://127.0.0.1:{port}"
-    return [f"{url}/notjson", f"{url}/noheader", f"{url}/nofields"], close
+    return [f"http://127.0.0.1:{port}" for port in modes.values()], close
 
 
 @pytest.mark.parametrize("kind", ["unreachable", "wrong_ca", "not_etcd"])
@@ -942,14 +950,19 @@ def test_a_bad_arbiter_never_fails_over_and_never_crashes(
     reason; ``hbmon_arbiter_up`` 0, the daemon serves on, no failover command runs."""
     closers: list[Callable[[], None]] = []
     extra = ""
-    if kind == "unreachable":  # refused at once; a black hole (no answer)
-        endpoints = [f"http://127.0.0.1:{free_port()}", "http://192.0.2.1:2379"]
+    if kind == "unreachable":  # nothing listening, no route, a listener that never answers
+        silent = socket.create_server(("127.0.0.1", 0), backlog=16)
+        closers.append(silent.close)
+        port = silent.getsockname()[1]
+        endpoints = [f"http://127.0.0.1:{free_port()}", "http://192.0.2.1:2379",
+                     f"http://127.0.0.1:{port}"]  # fmt: skip
         expect = ["ClientConnectorError", "no answer within"]
     elif kind == "wrong_ca":
         folder = request.getfixturevalue("pki")
         tls = (
             "--cert-file", str(folder / "server.crt"), "--key-file", str(folder / "server.key"),
         )  # fmt: skip
+        (tmp_path / "etcd").mkdir()
         members = start_cluster(tmp_path / "etcd", 1, scheme="https", extra=tls,
                                 context=_context(folder / "ca.crt"))  # fmt: skip
         closers.append(lambda: stop_cluster(members))
@@ -984,10 +997,9 @@ def test_a_bad_arbiter_never_fails_over_and_never_crashes(
         "failover_single_path = true\n"
         f'failover = ["{promote}", "B", "{PAIR}"]\n'
     )
-    feeder = Feeder([(PAIR, pvol, 0)], 0.2)
+    feeder = Feeder([(PAIR, pvol, 0)], 0.2).start()
     try:
         with running_site(config, tmp_path, "B") as site:
-            feeder.start()
 
             def verdict() -> str:
                 return str(site.row(PAIR)["verdict"])
