@@ -593,6 +593,29 @@ class Runner:
                 )
             time.sleep(0.1)
 
+    def wait_alive(self, site: Site, timeout: float) -> None:
+        """Until ``site`` sees every pair alive.  A fault before the watcher's first beat
+        leaves a pair ``awaiting`` there (the first record read is only a baseline), and
+        a schedule that starts so can never fail over: a finding about the runner, not
+        about hbmon."""
+        deadline = time.monotonic() + timeout
+        seen: set[str] = set()
+        while True:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                with _NO_PROXY.open(site.url + "/status.json", timeout=1.0) as resp:
+                    rows = json.loads(resp.read())["rows"]
+                seen = {r["pair"] for r in rows if r["verdict"] == "alive"}
+                if seen >= set(self.pairs):
+                    return
+            if not site.running():
+                raise RuntimeError(f"hbmon at {site.name} exited\n{site.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{site.name} sees only {sorted(seen)} of {self.pairs} alive after "
+                    f"{timeout:g} s\n{site.tail()}"
+                )
+            time.sleep(0.1)
+
     # -- faults ----------------------------------------------------------------------------
 
     def _mirror_follows_wan(self, mirror: Mirror | None) -> None:
@@ -654,6 +677,7 @@ class Runner:
                 sites = self.start_sites(configs)
                 if self.arbiter:
                     initial = self.wait_owned(3 * self.timing.lease_ttl)
+                self.wait_alive(sites["B"], 10.0)
                 alerts = Alerts(sites["B"].url, self.token, self.pairs).start()
             for n, step in enumerate(schedule.steps):
                 undo: list[Any] = []
