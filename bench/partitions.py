@@ -30,7 +30,8 @@ no two sites were primary at one instant and that fencing tokens strictly increa
 Usage (root; etcd-server, etcd-client and iproute2 installed)::
 
     python bench/partitions.py --schedules 200 --seed 1        # the documented run
-    python bench/partitions.py --schedules 3 --seed 7          # what CI runs
+    python bench/partitions.py --schedules 3 --seed 4 --steps 1-2   # what CI runs (in-process:
+                                                               # tests/test_arbiter_partitions.py)
     python bench/partitions.py --seed 7 --only 2               # schedule 2 of seed 7 again
     python bench/partitions.py --schedules 5 --seed 7 --print-only   # the schedules only
     python bench/partitions.py --schedules 2 --seed 7 --etcd-only    # faults + write probes
