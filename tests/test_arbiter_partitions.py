@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -1026,7 +1027,7 @@ def test_a_bad_arbiter_never_fails_over_and_never_crashes(
         )  # fmt: skip
         (tmp_path / "etcd").mkdir()
         members = start_cluster(tmp_path / "etcd", 1, scheme="https", extra=tls,
-                                context=_context(folder / "ca.crt"))  # fmt: skip
+                                context=ssl.create_default_context(cafile=folder / "ca.crt"))  # fmt: skip
         closers.append(lambda: stop_cluster(members))
         endpoints = [members[0].url]
         extra = f'ca_file = "{folder / "other-ca.crt"}"\n'
@@ -1092,12 +1093,6 @@ def test_a_bad_arbiter_never_fails_over_and_never_crashes(
         feeder.close()
         for closer in closers:
             closer()
-
-
-def _context(ca: Path) -> Any:
-    import ssl
-
-    return ssl.create_default_context(cafile=ca)
 
 
 def _until(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
