@@ -1026,8 +1026,8 @@ def test_a_bad_arbiter_never_fails_over_and_never_crashes(
             "--cert-file", str(folder / "server.crt"), "--key-file", str(folder / "server.key"),
         )  # fmt: skip
         (tmp_path / "etcd").mkdir()
-        members = start_cluster(tmp_path / "etcd", 1, scheme="https", extra=tls,
-                                context=ssl.create_default_context(cafile=folder / "ca.crt"))  # fmt: skip
+        good = ssl.create_default_context(cafile=folder / "ca.crt")
+        members = start_cluster(tmp_path / "etcd", 1, scheme="https", extra=tls, context=good)
         closers.append(lambda: stop_cluster(members))
         endpoints = [members[0].url]
         extra = f'ca_file = "{folder / "other-ca.crt"}"\n'
