@@ -30,7 +30,8 @@ no two sites were primary at one instant and that fencing tokens strictly increa
 Usage (root; etcd-server, etcd-client and iproute2 installed)::
 
     python bench/partitions.py --schedules 200 --seed 1        # the documented run
-    python bench/partitions.py --schedules 3 --seed 7          # what CI runs
+    python bench/partitions.py --schedules 3 --seed 4 --steps 1-2   # what CI runs (in-process:
+                                                               # tests/test_arbiter_partitions.py)
     python bench/partitions.py --seed 7 --only 2               # schedule 2 of seed 7 again
     python bench/partitions.py --schedules 5 --seed 7 --print-only   # the schedules only
     python bench/partitions.py --schedules 2 --seed 7 --etcd-only    # faults + write probes
@@ -80,6 +81,8 @@ from history import Report, analyze, mark, write_scripts  # noqa: E402
 from netns import Mirror  # noqa: E402
 
 from hbmon.arbiter.lease import MARGIN, LeaseTiming  # noqa: E402
+from hbmon.record import Record  # noqa: E402
+from hbmon.volume import claim_slot, open_volume, write_slot  # noqa: E402
 
 PYTHON = sys.executable
 UDP_PORT = 9798
@@ -261,16 +264,21 @@ def site_config(
 class Site:
     """``hbmon run`` inside a namespace of the lab."""
 
-    def __init__(self, net: EtcdNet, name: str, config: Path) -> None:
+    def __init__(
+        self, net: EtcdNet, name: str, config: Path, *, ns: str | None = None, port: int = HTTP_PORT
+    ) -> None:
+        """``name`` runs in namespace ``ns`` (default: the site of that name), its HTTP API
+        on the management address there, ``port`` (a second process at one site)."""
         self.net, self.name, self.config = net, name, config
+        self.ns = ns or name
         self.log = config.with_suffix(".log")
-        self.url = f"http://{net.mgmt[name]}:{HTTP_PORT}"
+        self.url = f"http://{net.mgmt[self.ns]}:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         argv = [PYTHON, "-m", "hbmon.cli", "run", "-c", str(self.config)]
         with self.log.open("ab") as log:
-            self.proc = self.net.run_in(self.name, argv, stdout=log, stderr=log, cwd=REPO)
+            self.proc = self.net.run_in(self.ns, argv, stdout=log, stderr=log, cwd=REPO)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -304,7 +312,7 @@ class Site:
         every process of the namespace but its etcd member."""
         keep = {p.pid for p in self.net.procs.values() if p is not None and p.poll() is None}
         out = subprocess.run(
-            ["ip", "netns", "pids", self.net.ns[self.name]], capture_output=True, text=True
+            ["ip", "netns", "pids", self.net.ns[self.ns]], capture_output=True, text=True
         ).stdout
         for pid in (int(x) for x in out.split()):
             if pid not in keep:
@@ -482,43 +490,67 @@ class Runner:
         self.token_file.chmod(0o600)
         self.prefix = "/hbmon-bench/unset"  # per schedule, set by _configs()
         self.volumes: tuple[Path, Path] = (root / "pvol.img", root / "svol.img")
+        self.scripts: tuple[Path, Path] = (root / "bin" / "promote.py", root / "bin" / "demote.py")
 
     # -- set-up --------------------------------------------------------------------------
 
     def _volumes(self, folder: Path) -> tuple[Path, Path]:
+        """The PVOL with an install record per pair (what ``hbmon volume init`` writes,
+        done in this process: a CLI start per pair costs seconds on a loaded machine), and
+        the SVOL as its copy."""
         pvol, svol = folder / "pvol.img", folder / "svol.img"
         with pvol.open("wb") as f:
             f.truncate(1 << 20)
-        for slot, pair in enumerate(self.pairs):
-            subprocess.run(
-                [PYTHON, "-m", "hbmon.cli", "volume", "init", str(pvol), "--id", pair,
-                 "--slot", str(slot)],
-                check=True, capture_output=True, cwd=REPO,
-            )  # fmt: skip
+        vol = open_volume(str(pvol), write=True)
+        try:
+            for slot, pair in enumerate(self.pairs):
+                claim_slot(vol, slot, pair)
+                record = Record(pair, 0, 0, time.time(), 1.0)  # (volume init's default)
+                write_slot(vol, slot, record.encode_block(vol.io_size))
+        finally:
+            vol.close()
         shutil.copyfile(pvol, svol)
         return pvol, svol
 
     def _configs(self, folder: Path, schedule: Schedule, history: Path) -> dict[str, Path]:
+        prefix = f"/hbmon-bench/s{schedule.index:04d}-{os.getpid()}"
+        return self.prepare(folder, history, prefix)
+
+    def prepare(
+        self,
+        folder: Path,
+        history: Path,
+        prefix: str,
+        *,
+        check: bool = True,
+        arbiter: bool | None = None,
+    ) -> dict[str, Path]:
+        """In ``folder``: the promote/demote scripts (appending to ``history``), the volumes
+        and both sites' configurations under ``prefix``, each checked with ``hbmon config
+        check`` unless ``check=False``; site -> path.  tests/test_arbiter_partitions.py
+        builds its cases on this."""
         promote, demote = write_scripts(folder / "bin", history)
         pvol, svol = self._volumes(folder)
-        prefix = f"/hbmon-bench/s{schedule.index:04d}-{os.getpid()}"
         self.prefix = prefix
         self.volumes = (pvol, svol)
+        self.scripts = (promote, demote)
         paths = {}
         for site, vol in (("A", pvol), ("B", svol)):
             text = site_config(
                 self.net, site, folder, pairs=self.pairs, pvol=vol, prefix=prefix,
                 timing=self.timing, key_file=self.key_file, token_file=self.token_file,
-                promote=promote, demote=demote, arbiter=self.arbiter,
+                promote=promote, demote=demote,
+                arbiter=self.arbiter if arbiter is None else arbiter,
             )  # fmt: skip
             path = folder / f"{site}.toml"
             path.write_text(text)
-            check = subprocess.run(
-                [PYTHON, "-m", "hbmon.cli", "config", "check", str(path)],
-                capture_output=True, text=True, cwd=REPO,
-            )  # fmt: skip
-            if check.returncode != 0:
-                raise RuntimeError(f"config check {path}: {check.stderr.strip()}")
+            if check:
+                proc = subprocess.run(
+                    [PYTHON, "-m", "hbmon.cli", "config", "check", str(path)],
+                    capture_output=True, text=True, cwd=REPO,
+                )  # fmt: skip
+                if proc.returncode != 0:
+                    raise RuntimeError(f"config check {path}: {proc.stderr.strip()}")
             paths[site] = path
         return paths
 
@@ -559,6 +591,29 @@ class Runner:
                     f"A does not own every pair in the arbiter after {timeout:g} s "
                     f"(owner keys under {self.prefix}/owner/: {owners}); "
                     "is [arbiter] wired into `hbmon run` yet?"
+                )
+            time.sleep(0.1)
+
+    def wait_alive(self, site: Site, timeout: float) -> None:
+        """Until ``site`` sees every pair alive.  A fault before the watcher's first beat
+        leaves a pair ``awaiting`` there (the first record read is only a baseline), and
+        a schedule that starts so can never fail over: a finding about the runner, not
+        about hbmon."""
+        deadline = time.monotonic() + timeout
+        seen: set[str] = set()
+        while True:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                with _NO_PROXY.open(site.url + "/status.json", timeout=1.0) as resp:
+                    rows = json.loads(resp.read())["rows"]
+                seen = {r["pair"] for r in rows if r["verdict"] == "alive"}
+                if seen >= set(self.pairs):
+                    return
+            if not site.running():
+                raise RuntimeError(f"hbmon at {site.name} exited\n{site.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{site.name} sees only {sorted(seen)} of {self.pairs} alive after "
+                    f"{timeout:g} s\n{site.tail()}"
                 )
             time.sleep(0.1)
 
@@ -623,6 +678,7 @@ class Runner:
                 sites = self.start_sites(configs)
                 if self.arbiter:
                     initial = self.wait_owned(3 * self.timing.lease_ttl)
+                self.wait_alive(sites["B"], 10.0)
                 alerts = Alerts(sites["B"].url, self.token, self.pairs).start()
             for n, step in enumerate(schedule.steps):
                 undo: list[Any] = []

@@ -16,7 +16,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from hbmon.arbiter.base import OwnerEvent, Refusal
+from hbmon.arbiter.base import Owner, OwnerEvent, Refusal
 from hbmon.arbiter.keeper import Keeper
 from hbmon.arbiter.lease import MARGIN, LeaseTiming
 from hbmon.arbiter.memory import MemoryStore
@@ -528,6 +528,48 @@ async def test_take_over_once_the_store_deleted_the_dead_owner_key(
         assert outcome.at == T0 + 20
         assert tokyo.owned("db1")
         assert tokyo.statistics().terms == {"db1": 2}
+        kill_tokyo.cancel()
+
+
+class LosesClaimAnswers(MemoryStore):
+    """A store whose next ``lost`` claims commit but whose answers never arrive (the
+    network fails between etcd's commit and its reply: EtcdStore then raises
+    ArbiterUnavailable)."""
+
+    lost = 0
+
+    async def claim(self, pair: str, site: str, lease: int, *, keep: bool = False) -> Owner:
+        owner = await super().claim(pair, site, lease, keep=keep)
+        if self.lost > 0:
+            self.lost -= 1
+            raise ArbiterUnavailable("memory store: the answer to claim was lost")
+        return owner
+
+
+async def test_a_takeover_whose_claim_answer_was_lost_is_still_the_takeover(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    """Seen in bench/partitions.py (cut(A-B) + kill(A)): the candidate's claim committed,
+    its answer was lost; take_over refused no_quorum while the watch made the candidate
+    the owner, so the pair was owned at the new term and its failover never ran."""
+    store = LosesClaimAnswers(clock)
+    osaka = make(store, clock, tmp_path)
+    tokyo = make(store, clock, tmp_path, site="tokyo", pairs=())
+    outcome = Outcome(clock)
+    async with anyio.create_task_group() as tg:
+        kill_osaka = await start(tg, osaka)
+        kill_tokyo = await start(tg, tokyo)
+        kill_osaka.cancel()  # the host dies
+        store.lost = 1
+        tg.start_soon(outcome.take_over, tokyo, "db1", WAIT)
+        await run_for(clock, 15, tokyo)
+        store.expire()  # etcd deletes osaka's key; tokyo's claim commits, answer lost
+        await run_for(clock, 1, tokyo)
+        assert store.calls["claim"] >= 2  # osaka's at start, tokyo's
+        assert store.lost == 0
+        assert outcome.refusal is None, outcome.refusal
+        assert outcome.token == 2
+        assert tokyo.owned("db1")
         kill_tokyo.cancel()
 
 

@@ -479,7 +479,7 @@ class Keeper:
                     break
             self._claiming.add(pair)  # (its watch event is this claim, not a handover)
             try:
-                owner = await self._ask(self.store.claim, pair, self.site, lease)
+                owner = await self._claim_known(pair, lease)
             finally:
                 self._claiming.discard(pair)
             if lease != self.lease:
@@ -493,6 +493,37 @@ class Keeper:
             raise Refusal("owner_alive", f"{pair} still held by {who} after {wait:g} s") from None
         self._own(owner)
         return owner.term
+
+    async def _claim_known(self, pair: str, lease: int) -> Owner:
+        """Claim ``pair`` (its key gone) under ``lease``, and know the outcome.  A claim
+        whose answer was lost may have committed: this site then owns the pair, and a
+        refusal would leave it owned with its failover never run.  So the outcome is read
+        (the watch, or a view) until it is known; absent: claimed again.  Given up (no
+        quorum) only once ``lease`` is: then nothing is owned here anyway."""
+        while True:
+            try:
+                return await self._ask(self.store.claim, pair, self.site, lease)
+            except ArbiterUnavailable:
+                pass
+            while True:
+                mine = self._owned.get(pair)
+                if mine is not None and mine.lease == lease:
+                    return mine  # (the watch saw the claim commit)
+                if lease != self.lease or not self.lease_clock.valid():
+                    raise LeaseLost(f"lease {lease:x} ended before the claim of {pair} was known")
+                try:
+                    view = await self._ask(self.store.view)
+                except ArbiterUnavailable:
+                    await self.clock.sleep_until(self.clock.monotonic() + self._retry)
+                    continue
+                if self.store.key(OWNER, pair) in view.foreign:
+                    raise OwnerTaken(pair, "a writer that is not hbmon", None)
+                held = view.owners.get(pair)
+                if held is None:
+                    break  # it did not commit: claim again
+                if (held.site, held.lease) == (self.site, lease):
+                    return held
+                raise OwnerTaken(pair, held.site, held.term)
 
     async def _deleted(self, holder: Owner, revision: int, deadline: float) -> bool:
         """Wait for ``holder``'s owner key to go: True once deleted; False when the watch
