@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 import pytest
 from conftest import need
 from etcdnet import EtcdNet, etcd_cluster
-from helpers import Feeder, free_port, metric_value, post_host_down, running_site
+from helpers import Feeder, free_port, metric_value, post_host_down, running_site, wait_for
 from history import Event, Report, analyze, check, mark, read
 from netns import Mirror, http_get
 from test_etcd import start_cluster, stop_cluster
@@ -1067,9 +1067,9 @@ def test_a_bad_arbiter_never_fails_over_and_never_crashes(
             def verdict() -> str:
                 return str(site.row(PAIR)["verdict"])
 
-            _until(lambda: verdict() == "alive", 10.0, "the pair alive")
+            wait_for(lambda: verdict() == "alive", 10.0, "the pair alive")
             feeder.stop_feeding(PAIR)
-            _until(lambda: verdict() == "isolated", STALE_WITHIN, "the pair isolated")
+            wait_for(lambda: verdict() == "isolated", STALE_WITHIN, "the pair isolated")
             decision = post_host_down(site, token, PAIR)
             assert decision["code"] == "isolated", decision  # answered at once
             journal = Journal(tmp_path / "state" / "failover.jsonl")
@@ -1077,7 +1077,7 @@ def test_a_bad_arbiter_never_fails_over_and_never_crashes(
             def refused() -> list[dict[str, Any]]:
                 return [e for e in journal.entries() if e.get("code") == "no_quorum"]
 
-            (refusal,) = _until(refused, 4 * RT + 3.0, "the no_quorum refusal")
+            (refusal,) = wait_for(refused, 4 * RT + 3.0, "the no_quorum refusal")
             for text in expect:
                 assert text in refusal["reason"], refusal["reason"]
             for url in endpoints:
@@ -1093,17 +1093,6 @@ def test_a_bad_arbiter_never_fails_over_and_never_crashes(
         feeder.close()
         for closer in closers:
             closer()
-
-
-def _until(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what} (last: {value!r})")
-        time.sleep(0.05)
 
 
 def test_a_foreign_owner_key_is_refused_and_never_failed_over(
