@@ -413,11 +413,11 @@ class Poller:
         batch: list[Target] = []  # for the worker threads
         direct: list[Target] = []  # block devices, for the ring
         ring, inline = self.ring, self.inline
-        lag = -1.0
+        lag: float | None = None  # how late the latest group taken ran (None: none taken)
         # A bucket is taken once it has begun: its reads run at most COALESCE early.
         while (taken := take(now)) is not None:
             for group in taken[1]:
-                if now - group.due > lag:
+                if lag is None or now - group.due > lag:
                     lag = now - group.due
                 members = group.members
                 reschedule(group, now)
@@ -442,7 +442,7 @@ class Poller:
             wall = self.clock.wall()
             for i in range(0, len(cached), CACHED_RUN):
                 self._read_cached(cached[i : i + CACHED_RUN], now, wall, batch)
-        if lag >= 0:
+        if lag is not None:  # a tick taken early (COALESCE) ran on time: lag 0
             self.poll_lag = max(lag, 0.0)
             self.lag_samples.append(self.poll_lag)
             self.lag_histogram.observe(self.poll_lag)

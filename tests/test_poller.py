@@ -318,3 +318,27 @@ def test_a_glob_is_not_expanded_again_while_its_folder_is_unchanged(tmp_path: Pa
     # Changed within the last second: expanded every time until it has been quiet a while.
     assert scan_globs(globs, cache)[0] is not third[0]
     assert scan_globs(globs)[0] == third[0]  # (no cache: always expanded)
+
+
+async def test_poll_lag_falls_back_once_the_ticks_are_on_time_again(tmp_path: Path) -> None:
+    """A site that starts late (here 2 s between watching its volumes and polling them, as
+    a demo site waiting for its arbiter claims) shows that lag at its first tick, and 0
+    once ticks run on time again, even ticks taken a little early (COALESCE): the gauge
+    must not keep the start-up lag for good (it did, and hbmon_poll_lag_seconds read 2.6
+    s for as long as the demo ran)."""
+    _table, poller, paths = file_poller(tmp_path, 3)
+    clock = poller.clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(2.0)
+    lags: list[float] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(poller.run)
+        lags.append(poller.poll_lag)
+        for serial in range(2, 12):
+            for path in paths:
+                write_record(path, path.stem, serial)
+            await pass_time(poller, 0.1)
+            lags.append(poller.poll_lag)
+        tg.cancel_scope.cancel()
+    assert lags[0] == pytest.approx(2.0, abs=0.1), lags
+    assert lags[-1] < 0.01, lags
