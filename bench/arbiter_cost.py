@@ -103,23 +103,27 @@ def config_body(beats: list[tuple[str, Path, int]], etcd: str | None) -> str:
 
 def run_once(
     folder: Path, beats: list[tuple[str, Path, int]], etcd: str | None, window: float
-) -> tuple[float, float | None]:
-    """CPU % of one core over ``window`` s, and arbiter requests/s (None: no arbiter)."""
+) -> tuple[float, float | None, float | None]:
+    """CPU % of one core over ``window`` s, arbiter requests/s and the seconds from
+    serving to every pair owned (start-up claims); None without an arbiter."""
     port = free_port()
     case = folder / ("arbiter" if etcd else "plain") / str(time.monotonic_ns())
     config = site_config(case, port, config_body(beats, etcd), site="osaka")
     site = Hbmon(config, case / "hbmon.log", port)
     try:
         site.wait_serving(120)
-        deadline = time.monotonic() + 300
+        serving = time.monotonic()
+        deadline = serving + 300
+        claimed = None
         while etcd is not None:  # start-up claims done: every pair owned
             lines = site.metrics().splitlines()
             owned = sum(1 for x in lines if x.startswith("hbmon_pair_owned{") and x[-4:] == " 1.0")
             if owned == len(beats):
+                claimed = time.monotonic() - serving
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {owned} of {len(beats)} pairs owned after 300 s")
-            time.sleep(1)
+            time.sleep(0.2)
         time.sleep(3)  # settle
         before = metric_value(site.metrics(), "hbmon_arbiter_requests_total")
         started = time.monotonic()
@@ -128,7 +132,7 @@ def run_once(
         elapsed = time.monotonic() - started
         rate = None if before is None or after is None else (after - before) / elapsed
         site.check()
-        return cpu, rate
+        return cpu, rate, claimed
     finally:
         site.stop()
 
@@ -151,19 +155,21 @@ def main() -> None:
         print(f"etcd 3.4 single member at {etcd}; window {window:g} s, {args.runs} run(s) each")
         for pairs in sizes:
             beats = make_luns(folder / f"luns{pairs}", pairs)
-            plain, armed, rates = [], [], []
+            plain, armed, rates, claims = [], [], [], []
             for _ in range(args.runs):  # alternate: drift in the machine hits both
                 plain.append(run_once(folder, beats, None, window)[0])
-                cpu, rate = run_once(folder, beats, etcd, window)
+                cpu, rate, claimed = run_once(folder, beats, etcd, window)
                 armed.append(cpu)
                 if rate is not None:
                     rates.append(rate)
+                if claimed is not None:
+                    claims.append(claimed)
             info(f"{pairs} pairs: cpu without {plain}, with {armed}; requests/s {rates}")
             without, with_ = median(plain), median(armed)
             print(
                 f"{pairs:>6} pairs: arbiter requests {median(rates):.2f}/s; CPU % of one core "
                 f"without {without:.2f}, with {with_:.2f}: added {with_ - without:+.2f} "
-                "(target <= 1)"
+                f"(target <= 1); start-up claims done {median(claims):.1f} s after serving"
             )
     finally:
         etcd_proc.kill()

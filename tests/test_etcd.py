@@ -32,8 +32,8 @@ from conftest import need
 from helpers import free_port, stop_process
 from test_tls import make_ca, make_cert, openssl
 
-from hbmon.arbiter.base import Owner, OwnerEvent, owner_value, site_value
-from hbmon.arbiter.etcd import FOREIGN, EtcdStore
+from hbmon.arbiter.base import FOREIGN, Owner, OwnerEvent, owner_value, site_value
+from hbmon.arbiter.etcd import EtcdStore
 from hbmon.arbiter.lease import LeaseTiming
 from hbmon.config import ArbiterConfig
 from hbmon.errors import ArbiterUnavailable, ConfigError, LeaseLost, OwnerTaken
@@ -436,7 +436,7 @@ async def test_foreign_keys_are_reported_and_never_overwritten(
 
 
 @pytest.mark.tools
-async def test_watch_sees_puts_and_deletes_and_skips_foreign_values(
+async def test_watch_sees_puts_and_deletes_and_tells_foreign_values(
     store: EtcdStore, etcd: Member, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     osaka, tokyo = await store.grant(30), await store.grant(30)
@@ -451,10 +451,11 @@ async def test_watch_sees_puts_and_deletes_and_skips_foreign_values(
     with anyio.fail_after(5):
         async for event in store.watch(start):
             seen.append(event)
-            if len(seen) == 3:
+            if len(seen) == 4:
                 break
     assert seen == [
         OwnerEvent("db1", first, first.revision),
+        OwnerEvent("db9", None, first.revision + 1, foreign=True),  # never "deleted"
         OwnerEvent("db1", moved, moved.revision),
         OwnerEvent("db1", None, moved.revision + 1),
     ]

@@ -805,3 +805,39 @@ async def test_a_pair_demoted_here_is_not_taken_back_by_a_restart(
         kill.cancel()
     state = json.loads((tmp_path / "osaka.json").read_text())
     assert state["demoted"] == {}
+
+
+async def test_garbage_over_a_live_owner_key_stops_nobody_and_starts_nobody(
+    clock: FakeClock, store: MemoryStore, tmp_path: Path
+) -> None:
+    """Someone overwrites osaka's owner key of db1 with a value hbmon did not write (as
+    EtcdStore's watch, the memory store's watch skips it): osaka goes on as the owner
+    (no demote for a stranger's write), the view calls it foreign, and tokyo's take-over
+    is refused owner_taken, so the pair can never have two primaries through it: also
+    the take-over already waiting for the key to go (a stranger's write is no delete)."""
+    osaka = make(store, clock, tmp_path, pairs=("db1",))
+    tokyo = make(store, clock, tmp_path, site="tokyo", pairs=("db7",))
+    waiting = Outcome(clock)
+    async with anyio.create_task_group() as tg:
+        kills = [await start(tg, osaka), await start(tg, tokyo)]
+        tg.start_soon(waiting.take_over, tokyo, "db1", WAIT)
+        await run_for(clock, 1, osaka, tokyo)
+        assert waiting.at is None  # waiting for osaka's key to go
+        store.put_raw(store.key("owner", "db1"), "garbage")
+        await run_for(clock, 0, osaka, tokyo)
+        assert waiting.refusal is not None, waiting.token
+        assert waiting.refusal.code == "owner_taken"
+        assert waiting.at == T0 + 1
+        assert osaka.owned("db1")
+        assert osaka.owner_state("db1") == "unknown"  # told by the watch at once
+        await run_for(clock, 20, osaka, tokyo)  # leases renewed past one lease_ttl
+        assert osaka.owned("db1")
+        assert osaka.statistics().up
+        assert store.key("owner", "db1") in (await store.view()).foreign
+        with pytest.raises(Refusal) as refused:
+            await tokyo.take_over("db1", WAIT)
+        assert refused.value.code == "owner_taken"
+        assert "did not write" in refused.value.reason
+        for kill in kills:
+            kill.cancel()
+    assert demotes(osaka) == []

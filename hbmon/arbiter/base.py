@@ -39,6 +39,7 @@ RefusalCode = Literal["owner_alive", "no_quorum", "owner_taken", "no_arbiter"]
 REFUSAL_CODES: tuple[RefusalCode, ...] = get_args(RefusalCode)
 
 OWNER, TERM, SITE = "owner", "term", "site"
+FOREIGN = "a key hbmon did not write"  # the holder OwnerTaken names for a foreign key
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +67,14 @@ class OwnerView:
 
 @dataclass(frozen=True, slots=True)
 class OwnerEvent:
-    """A change of one owner key: ``owner`` is None when the key was deleted."""
+    """A change of one owner key: ``owner`` is None when the key was deleted, or when
+    ``foreign``: someone wrote a value hbmon did not write over it (the pair's owner is
+    then unknown, never "gone")."""
 
     pair: str
     owner: Owner | None
     revision: int
+    foreign: bool = False
 
 
 class Store(ABC):

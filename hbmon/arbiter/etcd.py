@@ -45,7 +45,6 @@ T = TypeVar("T")
 Doc = dict[str, Any]
 HEARTBEAT = 2 * 600.0 + 60.0  # seconds: two of etcd's default progress intervals + 1 min
 TRIES = 3  # a transaction is tried again (read afresh) when only the term or site key moved
-FOREIGN = "a key hbmon did not write"
 _RE_AUTH = ("invalid auth token", "auth store is old")  # etcd wants a new token
 _WATCH, _AUTH = "/v3/watch", "/v3/auth/authenticate"
 
@@ -437,13 +436,13 @@ def _keepalive(resp: aiohttp.ClientResponse, every: float) -> None:
 
 
 def _owner(pair: str, kv: _KV) -> Owner:
-    """The owner in an owner key; OwnerTaken(FOREIGN) for a key hbmon did not write."""
+    """The owner in an owner key; OwnerTaken(base.FOREIGN) for a key hbmon did not write."""
     try:
         owner = base.parse_owner(pair, kv.value, kv.mod)
     except ArbiterUnavailable:
-        raise OwnerTaken(pair, FOREIGN, None) from None
+        raise OwnerTaken(pair, base.FOREIGN, None) from None
     if owner.lease != kv.lease:  # an owner key must go with its lease
-        raise OwnerTaken(pair, FOREIGN, None)
+        raise OwnerTaken(pair, base.FOREIGN, None)
     return owner
 
 
@@ -451,7 +450,7 @@ def _term(pair: str, kv: _KV | None) -> int:
     try:
         return 0 if kv is None else base.parse_term(pair, kv.value)
     except ArbiterUnavailable:
-        raise OwnerTaken(pair, FOREIGN, None) from None
+        raise OwnerTaken(pair, base.FOREIGN, None) from None
 
 
 def _site_lease(site: str, kv: _KV | None) -> int:
@@ -478,7 +477,8 @@ def _events(start: str, result: Doc) -> list[OwnerEvent]:
         try:
             owner = None if event.get("type") == "DELETE" else _owner(pair, kv)
         except OwnerTaken:
-            log.warning("etcd watch: %s does not hold an owner hbmon wrote; skipped", kv.key)
+            log.warning("etcd watch: %s does not hold an owner hbmon wrote", kv.key)
+            events.append(OwnerEvent(pair, None, kv.mod, foreign=True))
             continue
         events.append(OwnerEvent(pair, owner, kv.mod))
     return events

@@ -414,6 +414,9 @@ class Keeper:
                 try:
                     async for event in events:
                         book.revision = max(book.revision, event.revision)
+                        if event.foreign:  # a stranger's write: who owns it is unknown
+                            book.foreign.add(event.pair)
+                            continue  # (an owner goes on: no demote for it)
                         book.foreign.discard(event.pair)
                         self._take(event.pair, event.owner, event.revision, "the watch")
                 finally:

@@ -324,12 +324,10 @@ class MemoryStore(Store):
         else:
             try:
                 owner = parse_owner(pair, item.value, item.mod_revision)
-            except ArbiterUnavailable as err:  # a foreign value: the stream cannot go on
-                for stream in self._watchers:
-                    stream.send_nowait(err)
-                self._watchers.clear()
-                return
-            event = OwnerEvent(pair, owner, item.mod_revision)
+            except ArbiterUnavailable:  # a foreign value, told as EtcdStore's watch tells it
+                event = OwnerEvent(pair, None, item.mod_revision, foreign=True)
+            else:
+                event = OwnerEvent(pair, owner, item.mod_revision)
         self.history.append(event)
         for stream in self._watchers:
             stream.send_nowait(event)

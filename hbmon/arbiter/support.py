@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 import anyio
 
-from hbmon.arbiter.base import Owner, OwnerView, Store
+from hbmon.arbiter.base import FOREIGN, Owner, OwnerView, Store
 from hbmon.clock import Clock
 from hbmon.errors import ArbiterUnavailable, LeaseLost, OwnerTaken
 from hbmon.failover import OUTPUT_LIMIT, command_env, run_command
@@ -116,6 +116,8 @@ async def key_deleted(store: Store, holder: Owner, revision: int) -> bool:
             now = event.owner
             if event.pair != holder.pair:
                 continue
+            if event.foreign:
+                raise OwnerTaken(holder.pair, FOREIGN, None)
             if now is None:
                 return True
             if (now.site, now.term) != (holder.site, holder.term):
