@@ -145,7 +145,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     if shutil.which("etcd") is None or shutil.which("etcdctl") is None:
-        sys.exit("etcd/etcdctl not found (Debian packages etcd-server, etcd-client)")
+        print("arbiter cost: skipped, etcd/etcdctl not found (Debian etcd-server, etcd-client)")
+        return
     sizes = (100, 1000) if args.quick else (100, 10_000)
     window = 10.0 if args.quick else args.window
     print(machine_line())
