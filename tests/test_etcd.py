@@ -432,6 +432,78 @@ async def test_foreign_keys_are_reported_and_never_overwritten(
         assert await raw_get(etcd.url, key) == value
 
 
+@pytest.mark.tools
+async def test_start_claims_take_many_pairs_a_transaction_and_answer_each(
+    store: EtcdStore, etcd: Member, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """claim_many: 70 pairs in 3 transactions of claims (32 a batch), each new pair at
+    term 1 with its batch's revision; a pair this lease holds is answered as it is, one
+    held under this site's old lease moves to the new lease with its term, one of
+    another site and a foreign key are OwnerTaken, and nothing of theirs is written."""
+    old, lease, tokyo = await store.grant(30), await store.grant(30), await store.grant(30)
+    kept = await store.claim("p000", "osaka", lease)
+    moved = await store.claim("p001", "osaka", old)
+    other = await store.claim("p002", "tokyo", tokyo)
+    await raw_put(etcd.url, f"{prefix}/owner/p003", "garbage")
+    pairs = [f"p{n:03d}" for n in range(70)]
+    txns = 0
+    real_txn = store._txn
+
+    async def counting(*args: Any, **kw: Any) -> Any:
+        nonlocal txns
+        txns += bool(args[1])  # (a transaction that writes)
+        return await real_txn(*args, **kw)
+
+    monkeypatch.setattr(store, "_txn", counting)
+    answers = await store.claim_many(pairs, "osaka", lease)
+    assert sorted(answers) == pairs
+    assert answers["p000"] == kept
+    assert answers["p001"] == replace(moved, lease=lease, revision=answers["p001"].revision)
+    for pair, holder in (("p002", "tokyo"), ("p003", FOREIGN)):
+        taken = answers[pair]
+        assert isinstance(taken, OwnerTaken)
+        assert taken.holder == holder
+    new = {p: answers[p] for p in pairs[4:]}
+    assert all(isinstance(o, Owner) and (o.term, o.lease) == (1, lease) for o in new.values())
+    assert len({o.revision for o in new.values() if isinstance(o, Owner)}) == 3  # 3 batches
+    assert txns == 3
+    view = await store.view()
+    assert view.owners["p002"] == other
+    assert {p for p, o in view.owners.items() if o.lease == lease} == set(pairs) - {"p002", "p003"}
+    assert await raw_get(etcd.url, f"{prefix}/owner/p003") == "garbage"
+
+
+@pytest.mark.tools
+async def test_a_start_claim_batch_that_lost_a_race_is_claimed_pair_by_pair(
+    store: EtcdStore, etcd: Member, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the batch's read and its transaction another site takes p01: the batch's
+    compares fail, nothing of it is written, and each pair is claimed on its own: p01 is
+    OwnerTaken, the others are osaka's."""
+    lease, tokyo = await store.grant(30), await store.grant(30)
+    real_read = store._read
+    raced = False
+
+    async def racing(*keys: str) -> Any:
+        nonlocal raced
+        found = await real_read(*keys)
+        if not raced and len(keys) > 2:
+            raced = True
+            await store.claim("p01", "tokyo", tokyo)
+        return found
+
+    monkeypatch.setattr(store, "_read", racing)
+    answers = await store.claim_many(["p00", "p01", "p02"], "osaka", lease)
+    assert raced
+    assert isinstance(answers["p01"], OwnerTaken)
+    assert answers["p01"].holder == "tokyo"
+    for pair in ("p00", "p02"):
+        owner = answers[pair]
+        assert isinstance(owner, Owner)
+        assert (owner.site, owner.term, owner.lease) == ("osaka", 1, lease)
+    assert answers["p00"].revision != answers["p02"].revision  # (one by one, not the batch)
+
+
 # -- watch -------------------------------------------------------------------------------------
 
 

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard, get_args
 
-from hbmon.errors import ArbiterUnavailable
+from hbmon.errors import ArbiterUnavailable, OwnerTaken
 
 #: Why the guard refused a failover on the arbiter's word (beside failover.Code).
 RefusalCode = Literal["owner_alive", "no_quorum", "owner_taken", "no_arbiter"]
@@ -119,6 +119,22 @@ class Store(ABC):
         ``keep``, an owner key already held by ``site`` (under an older lease of the same
         site, say before a restart) is moved to ``lease`` with its term unchanged.
         Otherwise OwnerTaken names the holder."""
+
+    async def claim_many(
+        self, pairs: Sequence[str], site: str, lease: int
+    ) -> dict[str, Owner | OwnerTaken]:
+        """:meth:`claim` with ``keep`` of each of ``pairs`` (the start claims): each pair's
+        owner, or the OwnerTaken naming its holder.  ArbiterUnavailable or LeaseLost as
+        claim raises them (some pairs may have been claimed then: claiming again with
+        ``keep`` is harmless).  This default claims one pair after the other; a store
+        may take many in one transaction."""
+        answers: dict[str, Owner | OwnerTaken] = {}
+        for pair in pairs:
+            try:
+                answers[pair] = await self.claim(pair, site, lease, keep=True)
+            except OwnerTaken as err:
+                answers[pair] = err
+        return answers
 
     @abstractmethod
     async def release(self, owner: Owner) -> None:

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Doc = dict[str, Any]
 HEARTBEAT = 2 * 600.0 + 60.0  # seconds: two of etcd's default progress intervals + 1 min
+CLAIM_BATCH = 32  # start claims a transaction: 64 reads, <= 64 compares and puts (etcd: 128)
 TRIES = 3  # a transaction is tried again (read afresh) when only the term or site key moved
 _RE_AUTH = ("invalid auth token", "auth store is old")  # etcd wants a new token
 _WATCH, _AUTH = "/v3/watch", "/v3/auth/authenticate"
@@ -171,6 +172,60 @@ class EtcdStore(Store):
         await self._call("/v3/kv/put", put, _revision, f"lease {lease} of {site!r} is gone")
 
     async def claim(self, pair: str, site: str, lease: int, *, keep: bool = False) -> Owner:
+        keys = [self.key(OWNER, pair), self.key(TERM, pair)]
+        gone = f"lease {lease} of site {site!r} no longer exists at etcd"
+        return await self._commit(pair, keys, self._claim_plan(pair, site, lease, keep), gone)
+
+    async def claim_many(
+        self, pairs: Sequence[str], site: str, lease: int
+    ) -> dict[str, Owner | OwnerTaken]:
+        """The start claims, CLAIM_BATCH pairs a transaction: one read of their keys, then
+        one transaction with every compare and put; when a compare fails (another writer
+        moved a key meanwhile) the pairs of that batch are claimed one by one."""
+        answers: dict[str, Owner | OwnerTaken] = {}
+        for i in range(0, len(pairs), CLAIM_BATCH):
+            answers |= await self._claim_batch(pairs[i : i + CLAIM_BATCH], site, lease)
+        return answers
+
+    async def _claim_batch(
+        self, pairs: Sequence[str], site: str, lease: int
+    ) -> dict[str, Owner | OwnerTaken]:
+        keys = [key for pair in pairs for key in (self.key(OWNER, pair), self.key(TERM, pair))]
+        kvs = await self._read(*keys)
+        answers: dict[str, Owner | OwnerTaken] = {}
+        compare: list[Doc] = []
+        puts: list[Doc] = []
+        planned: list[Owner] = []
+        for n, pair in enumerate(pairs):
+            held = kvs[2 * n : 2 * n + 2]
+            try:
+                holder = None if held[0] is None else _owner(pair, held[0])
+                step = self._claim_plan(pair, site, lease, True)(holder, held)
+            except OwnerTaken as err:
+                answers[pair] = err
+                continue
+            if isinstance(step, Owner):
+                answers[pair] = step  # held under this lease already
+                continue
+            mine, more, put = step
+            compare += more
+            puts += put
+            planned.append(mine)
+        if not planned:
+            return answers
+        gone = f"lease {lease} of site {site!r} no longer exists at etcd"
+        ok, revision, _ = await self._txn(compare, puts, [], gone)
+        for mine in planned:
+            if ok:
+                answers[mine.pair] = replace(mine, revision=revision)
+                continue
+            try:  # a key moved since the read: this pair on its own (read afresh)
+                answers[mine.pair] = await self.claim(mine.pair, site, lease, keep=True)
+            except OwnerTaken as err:
+                answers[mine.pair] = err
+        return answers
+
+    def _claim_plan(self, pair: str, site: str, lease: int, keep: bool) -> Plan:
         okey, tkey = self.key(OWNER, pair), self.key(TERM, pair)
 
         def plan(holder: Owner | None, kvs: list[_KV | None]) -> Any:
@@ -186,8 +241,7 @@ class EtcdStore(Store):
             term = _put(tkey, base.term_value(mine.term, site))
             return mine, compare, [_put_owner(okey, mine), term]
 
-        gone = f"lease {lease} of site {site!r} no longer exists at etcd"
-        return await self._commit(pair, [okey, tkey], plan, gone)
+        return plan
 
     async def release(self, owner: Owner) -> None:
         okey = self.key(OWNER, owner.pair)

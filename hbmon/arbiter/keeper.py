@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 OwnerState = Literal["alive", "gone", "unknown"]
-CLAIMS_AT_ONCE = 16  # start claims in flight together
+CLAIM_CHUNK = 32  # start claims a request (Store.claim_many; EtcdStore: one transaction)
+CLAIMS_AT_ONCE = 4  # such requests in flight together
 DEMOTES_AT_ONCE = 128  # demote commands running together
 
 
@@ -249,8 +250,8 @@ class Keeper:
         if lease is None:
             return
 
-        async def claim(pair: str) -> Owner:
-            return await self._ask(self.store.claim, pair, self.site, lease, keep=True)
+        async def claim(pairs: Sequence[str]) -> dict[str, Owner | OwnerTaken]:
+            return await self._ask(self.store.claim_many, pairs, self.site, lease)
 
         def got(owner: Owner) -> None:
             if lease == self.lease and owner.pair in self._pending:
@@ -298,7 +299,7 @@ class Keeper:
                 )
                 self._pending.discard(pair)
         pending = sorted(self._pending)
-        self._pending -= await claim_each(claim, pending, CLAIMS_AT_ONCE, got)
+        self._pending -= await claim_each(claim, pending, CLAIM_CHUNK, CLAIMS_AT_ONCE, got)
         if self._pending:
             raise ArbiterUnavailable(f"{len(self._pending)} pairs not claimed yet")
 

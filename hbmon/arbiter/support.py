@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -73,34 +73,39 @@ async def aclose(events: object) -> None:
 
 
 async def claim_each(
-    claim: Callable[[str], Awaitable[Owner]],
-    pairs: Iterable[str],
+    claim: Callable[[Sequence[str]], Awaitable[Mapping[str, Owner | OwnerTaken]]],
+    pairs: Sequence[str],
+    chunk: int,
     at_once: int,
     got: Callable[[Owner], None],
 ) -> set[str]:
-    """Claim each of ``pairs``, ``at_once`` in flight, handing each owner to ``got``; stop
-    at the first ArbiterUnavailable (the rest are tried later, not all failing now) or
-    LeaseLost (raised).  The pairs answered: claimed, or held by another site."""
+    """Claim ``pairs`` ``chunk`` at a time (Store.claim_many), ``at_once`` chunks in
+    flight, handing each owner to ``got``; stop at the first ArbiterUnavailable (the rest
+    are tried later, not all failing now) or LeaseLost (raised).  The pairs answered:
+    claimed, or held by another site."""
     answered: set[str] = set()
     lost: list[LeaseLost] = []
     limiter = anyio.CapacityLimiter(at_once)
 
-    async def one(pair: str) -> None:
+    async def some(part: Sequence[str]) -> None:
         async with limiter:
             try:
-                got(await claim(pair))
-            except OwnerTaken as err:
-                log.warning("arbiter: %s is not this site's: %s", pair, err)
+                answers = await claim(part)
             except LeaseLost as err:
                 lost.append(err)
                 return tg.cancel_scope.cancel()
             except ArbiterUnavailable:
                 return tg.cancel_scope.cancel()
+        for pair, answer in answers.items():
+            if isinstance(answer, OwnerTaken):
+                log.warning("arbiter: %s is not this site's: %s", pair, answer)
+            else:
+                got(answer)
             answered.add(pair)
 
     async with anyio.create_task_group() as tg:
-        for pair in pairs:
-            tg.start_soon(one, pair)
+        for i in range(0, len(pairs), chunk):
+            tg.start_soon(some, pairs[i : i + chunk])
     if lost:
         raise lost[0]
     return answered
