@@ -7,6 +7,7 @@ prints the ratio; nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -68,8 +69,14 @@ def start(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=log.open("wb"))
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """Stop ``proc`` (SIGTERM, SIGKILL after 10 s); a paused one is continued first (a
+    stopped process cannot handle SIGTERM); one that has exited already is left alone."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:

@@ -33,19 +33,14 @@ straight to the members).  Nothing asserts a time.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import random
 import re
-import secrets
-import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -65,17 +60,19 @@ from common import (
     report,
 )
 from takeover import (
+    ArbiterLab,
     ArbiterTiming,
-    Etcd,
-    KeyWatch,
-    Procs,
+    add_lab_args,
+    first_start,
     hbmon_log,
     init_volume,
-    missing_tools,
-    read_starts,
+    lab_parser,
+    round_count,
+    seed_and_timing,
+    site_file,
+    skipped_without,
     toml_list,
     wait_until,
-    write_script,
 )
 
 RENEWALS = (b"POST /v3/lease/keepalive", b"POST /v3/lease/grant")
@@ -235,62 +232,37 @@ class Trial:
         return None if self.renewal is None else self.cut - self.renewal[0]
 
 
-class DemoteLab:
+class DemoteLab(ArbiterLab):
+    """etcd, its watch and the black-hole proxies for the whole run; A per trial."""
+
     def __init__(self, root: Path, timing: ArbiterTiming, seed: int) -> None:
-        self.root, self.timing = root, timing
+        super().__init__(root, timing, seed, "demote")
         self.t = timing.effective()
-        self.rng = random.Random(seed)
-        (root / "logs").mkdir(parents=True)
-        self.procs = Procs(root / "logs")
-        self.etcd = Etcd(self.procs, root / "etcd")
-        self.prefix = f"/hbmon-demote-{secrets.token_hex(3)}"
-        self.script = write_script(root)
-        self.starts = root / "starts.log"
         self.port = free_port()
         self.proxy: Blackhole | None = None
-        self.watch: KeyWatch | None = None
-        self.a: Hbmon | None = None
 
     def start(self) -> None:
-        formed = self.etcd.start()
-        info(f"etcd: 3 members on 127.0.0.1 formed in {formed:.1f} s")
+        super().start()
         self.proxy = Blackhole([self.etcd.client[n] for n in self.etcd.NAMES])
-        self.watch = self.etcd.watch(f"{self.prefix}/owner/")
 
     def close(self) -> None:
-        if self.a is not None:
-            with contextlib.suppress(Exception):
-                self.a.stop()
         if self.proxy is not None:
             self.proxy.close()
-        if self.watch is not None:
-            self.watch.close()
-        self.procs.stop_all()
+        super().close()
 
     def a_config(self, pair: str, folder: Path) -> Path:
         assert self.proxy is not None
         (folder / "state").mkdir(parents=True, exist_ok=True)
         vol = folder / f"{pair}.vol"
         init_volume(vol, pair)
-        path = folder / "A.toml"
-        path.write_text(
-            f'site = "A"\nstate_dir = "{folder / "state"}"\nlisten = "127.0.0.1:{self.port}"\n'
+        return site_file(
+            folder, "A", self.port,
             'method = "volume"\n'
             + self.timing.table(self.proxy.endpoints, self.prefix)
             + f'\n[[beat]]\nid = "{pair}"\nvolume = "{vol}"\nslot = 0\n'
             f"demote = {toml_list([sys.executable, str(self.script), str(self.starts), 'demote'])}"
-            "\n"
-        )
-        return path
-
-    def owns(self, pair: str) -> bool:
-        assert self.a is not None
-        self.a.check()
-        try:
-            arbiter = self.a.status().get("arbiter") or {}
-        except (urllib.error.URLError, OSError):
-            return False
-        return pair in (arbiter.get("owned") or [])
+            "\n",
+        )  # fmt: skip
 
     def trial(self, n: int) -> Trial:
         proxy, watch = self.proxy, self.watch
@@ -301,7 +273,7 @@ class DemoteLab:
         self.a = Hbmon(self.a_config(pair, folder), folder / "hbmon-A.log", self.port, "info")
         try:
             self.a.wait_serving()
-            wait_until(f"A owns {pair}", lambda: self.owns(pair), 60.0, 0.1)
+            wait_until(f"A owns {pair}", lambda: self.a_owns(pair), 60.0, 0.1)
             began = time.time()
             # At least one renewal after the grant, then a random phase of the period.
             wait_until("a lease renewal", lambda: any(r[0] > began for r in proxy.renewals),
@@ -314,8 +286,7 @@ class DemoteLab:
             def demoted() -> dict[str, Any] | None:
                 assert self.a is not None
                 self.a.check()
-                return next((s for s in read_starts(self.starts)
-                             if s["pair"] == pair and s["event"] == "demote"), None)  # fmt: skip
+                return first_start(self.starts, pair, "demote")
 
             start = wait_until(f"the demote command of {pair}", demoted, 3 * self.t.lease_ttl, 0.02)
             renewal = proxy.last_renewal(cut)
@@ -362,28 +333,14 @@ def trial_line(t: Trial, bound: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     exit_on_sigterm()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="3 trials")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--lease-ttl", type=float)
-    p.add_argument("--request-timeout", type=float)
-    p.add_argument("--demote-budget", type=float)
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    p.add_argument("--runs", type=int, help="ignored (bench/run_all passes it to every bench)")
+    p = lab_parser(__doc__, "trials", 10)
+    add_lab_args(p)
     args = p.parse_args(argv)
-    missing = missing_tools("etcd", "etcdctl")
-    if missing:
-        print(f"target 14 demote: skipped, not installed: {', '.join(missing)} (Debian "
-              "packages etcd-server, etcd-client)")
+    if skipped_without("14 demote", "etcd", "etcdctl"):
         return 0
-    trials = 3 if args.quick and args.trials == 10 else args.trials
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
-    timing = ArbiterTiming(args.lease_ttl, args.request_timeout, args.demote_budget)
+    trials = round_count(args, "trials", 10)
+    seed, timing = seed_and_timing(args, "demote_lead")
     t = timing.effective()
-    problem = t.problem()
-    if problem is not None:
-        raise SystemExit(f"demote_lead: {problem}")
     bound = t.lease_ttl - t.demote_budget
     print("command: " + " ".join(["python", "bench/demote_lead.py", *(argv or sys.argv[1:])]))
     print(machine_line(), flush=True)
@@ -392,32 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           flush=True)  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="hbmon-bench-demote-"))
     lab = DemoteLab(root, timing, seed)
-    out: list[Trial] = []
-    failures = 0
-    try:
-        lab.start()
-        for n in range(trials):
-            try:
-                trial = lab.trial(n)
-            except RuntimeError as err:
-                failures += 1
-                print(f"trial {n}: FAILED: {err}", flush=True)
-                if failures >= 3:
-                    raise
-                continue
-            out.append(trial)
-            print(trial_line(trial, bound) + f"  load {loadavg()}", flush=True)
-    except Exception as err:
-        print(f"ERROR: {type(err).__name__}: {err}")
-        for name in list(lab.procs.procs):
-            print(lab.procs.tail(name, 10))
-        args.keep = True
-    finally:
-        lab.close()
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    out, failures = lab.run(trials, "trial", lab.trial, lambda x: trial_line(x, bound), args.keep)
     if not out:
         print("demote_lead: no trial")
         return 1

@@ -67,7 +67,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -467,6 +467,22 @@ class Result:
         return f"  -> {'; '.join(parts)} ({self.seconds:.0f} s)"
 
 
+def _site_fault(
+    history: Path, site: Site, do: Callable[[], object], event: str, undo_event: str,
+    undo: Callable[[], object],
+) -> Callable[[], None]:  # fmt: skip
+    """``do`` the fault to ``site`` and note ``event`` in the history; the undo notes
+    ``undo_event`` first, then runs ``undo``."""
+    do()
+    mark(history, site.name, event)
+
+    def back() -> None:
+        mark(history, site.name, undo_event)
+        undo()
+
+    return back
+
+
 class Runner:
     def __init__(
         self,
@@ -635,24 +651,10 @@ class Runner:
             undo.append(lambda: [net.heal(x, y) for x, y in fault.links])
         elif fault.kind == "pause" and fault.target in sites:
             site = sites[fault.target]
-            site.pause()
-            mark(history, site.name, "pause")
-
-            def thaw() -> None:
-                mark(history, site.name, "resume")
-                site.resume()
-
-            undo.append(thaw)
+            undo.append(_site_fault(history, site, site.pause, "pause", "resume", site.resume))
         elif fault.kind == "kill" and fault.target in sites:
             site = sites[fault.target]
-            site.host_death()
-            mark(history, site.name, "crash")
-
-            def reboot() -> None:
-                mark(history, site.name, "restart")
-                site.start()
-
-            undo.append(reboot)
+            undo.append(_site_fault(history, site, site.host_death, "crash", "restart", site.start))
         elif fault.kind == "leader":
             lead = net.leader()
             if lead is not None:

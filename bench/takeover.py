@@ -61,10 +61,10 @@ import threading
 import time
 import urllib.error
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common import (
     REPO,
@@ -79,6 +79,7 @@ from common import (
     machine_line,
     quantile,
     report,
+    stop,
 )
 
 from hbmon.arbiter.lease import LeaseTiming
@@ -142,24 +143,11 @@ class Procs:
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
         if proc is not None:
-            stop_process(proc)
+            stop(proc)
 
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):
             self.stop(name)
-
-
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGCONT)  # (a paused process cannot handle SIGTERM)
-        proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def missing_tools(*names: str) -> list[str]:
@@ -168,6 +156,20 @@ def missing_tools(*names: str) -> list[str]:
     if "prometheus-alertmanager" in found:
         found["prometheus-alertmanager"] |= shutil.which("alertmanager") is not None
     return [n for n, ok in found.items() if not ok]
+
+
+#: The Debian package of each tool the arbiter benches need.
+PACKAGES = {"etcd": "etcd-server", "etcdctl": "etcd-client", "prometheus": "prometheus",
+            "prometheus-alertmanager": "prometheus-alertmanager"}  # fmt: skip
+
+
+def skipped_without(target: str, *tools: str) -> bool:
+    """True, after the line that says the bench is skipped, when a tool is not installed."""
+    missing = missing_tools(*tools)
+    if missing:
+        print(f"target {target}: skipped, not installed: {', '.join(missing)} (Debian "
+              f"packages {', '.join(PACKAGES[t] for t in tools)})")  # fmt: skip
+    return bool(missing)
 
 
 def wait_until(what: str, check: Any, timeout: float, every: float = 0.1) -> Any:
@@ -267,7 +269,7 @@ class KeyWatch:
                         None)  # fmt: skip
 
     def close(self) -> None:
-        stop_process(self.proc)
+        stop(self.proc)
         self.thread.join(5)
 
 
@@ -321,6 +323,22 @@ def read_starts(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def first_start(path: Path, pair: str, event: str) -> dict[str, Any] | None:
+    """The first line of ``read_starts(path)`` of ``pair`` and ``event`` (promote, demote)."""
+    return next((s for s in read_starts(path) if s["pair"] == pair and s["event"] == event), None)
+
+
+def site_file(folder: Path, site: str, port: int, body: str) -> Path:
+    """``folder/SITE.toml``: site, state_dir (``folder/state``) and listen, then ``body``."""
+    (folder / "state").mkdir(parents=True, exist_ok=True)
+    path = folder / f"{site}.toml"
+    path.write_text(
+        f'site = "{site}"\nstate_dir = "{folder / "state"}"\nlisten = "127.0.0.1:{port}"\n'
+        + body
+    )
+    return path
+
+
 def seconds(text: str) -> float:
     """A Prometheus duration of one unit ("5s", "1m", "500ms") in seconds."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text.strip())
@@ -364,6 +382,41 @@ class ArbiterTiming:
             given = getattr(self, key) is not None
             parts.append(f"{key} {getattr(t, key):g}s" + (" (override)" if given else " (default)"))
         return ", ".join(parts)
+
+
+def lab_parser(doc: str, count: str, default: int) -> argparse.ArgumentParser:
+    """The bench's parser with its first options: --COUNT (how many rounds), --quick (3 of
+    them), --seed; the bench adds its own, then :func:`add_lab_args`."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument(f"--{count}", type=int, default=default)
+    p.add_argument("--quick", action="store_true", help=f"3 {count}")
+    p.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def round_count(args: argparse.Namespace, count: str, default: int) -> int:
+    """How many rounds: --COUNT, or 3 with --quick unless --COUNT says otherwise."""
+    given: int = getattr(args, count)
+    return 3 if args.quick and given == default else given
+
+
+def add_lab_args(p: argparse.ArgumentParser) -> None:
+    """The options after the bench's own: the arbiter timing, --keep, run_all's --runs."""
+    p.add_argument("--lease-ttl", type=float)
+    p.add_argument("--request-timeout", type=float)
+    p.add_argument("--demote-budget", type=float)
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--runs", type=int, help="ignored (bench/run_all passes it to every bench)")
+
+
+def seed_and_timing(args: argparse.Namespace, bench: str) -> tuple[int, ArbiterTiming]:
+    """``--seed`` (or a random one) and the arbiter timing; exits if it cannot be safe."""
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
+    timing = ArbiterTiming(args.lease_ttl, args.request_timeout, args.demote_budget)
+    problem = timing.effective().problem()
+    if problem is not None:
+        raise SystemExit(f"{bench}: {problem}")
+    return seed, timing
 
 
 # -- the shipped Prometheus and Alertmanager configuration, rewritten ----------------------------
@@ -555,20 +608,100 @@ class Sample:
     note: str = ""
 
 
-class Lab:
-    """etcd + B + Prometheus + Alertmanager for the whole run; A per round."""
+T = TypeVar("T")
 
-    def __init__(self, root: Path, timing: ArbiterTiming, ov: Overrides, seed: int) -> None:
-        self.root, self.timing, self.ov = root, timing, ov
+
+class ArbiterLab:
+    """What the labs of this bench and bench/demote_lead.py share: etcd and a watch on the
+    owner keys for the whole run, the start-recording script, site A (one per round), and
+    the loop over the rounds."""
+
+    def __init__(self, root: Path, timing: ArbiterTiming, seed: int, name: str) -> None:
+        self.root, self.timing = root, timing
         self.rng = random.Random(seed)
         (root / "logs").mkdir(parents=True)
         self.procs = Procs(root / "logs")
         self.etcd = Etcd(self.procs, root / "etcd")
-        self.prefix = f"/hbmon-takeover-{secrets.token_hex(3)}"
-        self.vols = root / "vols"
-        self.vols.mkdir()
+        self.prefix = f"/hbmon-{name}-{secrets.token_hex(3)}"
         self.script = write_script(root)
         self.starts = root / "starts.log"
+        self.a: Hbmon | None = None
+        self.watch: KeyWatch | None = None
+
+    def start(self) -> None:
+        formed = self.etcd.start()
+        info(f"etcd: 3 members on 127.0.0.1 formed in {formed:.1f} s")
+        self.watch = self.etcd.watch(f"{self.prefix}/owner/")
+
+    def sites(self) -> list[Hbmon | None]:
+        return [self.a]
+
+    def close(self) -> None:
+        for site in self.sites():
+            if site is not None:
+                with contextlib.suppress(Exception):
+                    site.stop()
+        if self.watch is not None:
+            self.watch.close()
+        self.procs.stop_all()
+
+    def dump(self) -> None:
+        """After an error: the end of every process's log."""
+        for name in list(self.procs.procs):
+            print(self.procs.tail(name, 10))
+
+    def a_owns(self, pair: str) -> bool:
+        assert self.a is not None
+        self.a.check()
+        try:
+            arbiter = self.a.status().get("arbiter") or {}
+        except (urllib.error.URLError, OSError):
+            return False
+        return pair in (arbiter.get("owned") or [])
+
+    def run(
+        self, count: int, word: str, one: Callable[[int], T], line: Callable[[T], str],
+        keep: bool,
+    ) -> tuple[list[T], int]:  # fmt: skip
+        """Start, then ``one(n)`` for n < ``count``, each printed with ``line`` (a
+        RuntimeError fails that round, the third one the run), then close and remove the
+        folder (kept with ``keep`` or after an error): (the rounds, how many failed)."""
+        out: list[T] = []
+        failures = 0
+        try:
+            self.start()
+            for n in range(count):
+                try:
+                    item = one(n)
+                except RuntimeError as err:
+                    failures += 1
+                    print(f"{word} {n}: FAILED: {err}", flush=True)
+                    if failures >= 3:
+                        raise
+                    continue
+                out.append(item)
+                print(line(item) + f"  load {loadavg()}", flush=True)
+        except Exception as err:
+            print(f"ERROR: {type(err).__name__}: {err}")
+            self.dump()
+            keep = True
+        finally:
+            self.close()
+            if keep:
+                print(f"kept {self.root}")
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
+        return out, failures
+
+
+class Lab(ArbiterLab):
+    """etcd + B + Prometheus + Alertmanager for the whole run; A per round."""
+
+    def __init__(self, root: Path, timing: ArbiterTiming, ov: Overrides, seed: int) -> None:
+        super().__init__(root, timing, seed, "takeover")
+        self.ov = ov
+        self.vols = root / "vols"
+        self.vols.mkdir()
         self.key = root / "hb.key"
         secret_file(self.key)
         self.token_file = root / "webhook.token"
@@ -578,44 +711,33 @@ class Lab:
         self.am_port, self.prom_port = free_port(), free_port()
         self.prom = Prometheus(f"http://127.0.0.1:{self.prom_port}")
         self.b: Hbmon | None = None
-        self.a: Hbmon | None = None
-        self.watch: KeyWatch | None = None
 
     # -- set-up ---------------------------------------------------------------------------
 
     def b_config(self) -> Path:
-        folder = self.root / "B"
-        (folder / "state").mkdir(parents=True, exist_ok=True)
-        path = folder / "B.toml"
-        path.write_text(
-            f'site = "B"\nstate_dir = "{folder / "state"}"\nlisten = "127.0.0.1:{self.port_b}"\n'
+        return site_file(
+            self.root / "B", "B", self.port_b,
             'method = "both"\n'
             f'\n[network]\nlisten = "127.0.0.1:{self.udp_b}"\nkey_file = "{self.key}"\n'
             f'\n[webhook]\ntoken_file = "{self.token_file}"\n'
             + self.timing.table(self.etcd.endpoints, self.prefix)
             + f'\n[[watch_glob]]\npattern = "{self.vols}/*.vol"\nmethod = "both"\n'
             'rescan = "1s"\n'
-            f"failover = {toml_list([PY, str(self.script), str(self.starts), 'promote'])}\n"
-        )
-        return path
+            f"failover = {toml_list([PY, str(self.script), str(self.starts), 'promote'])}\n",
+        )  # fmt: skip
 
     def a_config(self, pair: str, folder: Path) -> Path:
-        (folder / "state").mkdir(parents=True, exist_ok=True)
-        path = folder / "A.toml"
-        path.write_text(
-            f'site = "A"\nstate_dir = "{folder / "state"}"\nlisten = "127.0.0.1:{self.port_a}"\n'
+        return site_file(
+            folder, "A", self.port_a,
             f'\n[network]\nlisten = "127.0.0.1:{self.udp_a}"\nkey_file = "{self.key}"\n'
             + self.timing.table(self.etcd.endpoints, self.prefix)
             + f'\n[[beat]]\nid = "{pair}"\nvolume = "{self.vols / (pair + ".vol")}"\nslot = 0\n'
             f'peers = ["127.0.0.1:{self.udp_b}"]\n'
-            f"demote = {toml_list([PY, str(self.script), str(self.starts), 'demote'])}\n"
-        )
-        return path
+            f"demote = {toml_list([PY, str(self.script), str(self.starts), 'demote'])}\n",
+        )  # fmt: skip
 
     def start(self) -> None:
-        formed = self.etcd.start()
-        info(f"etcd: 3 members on 127.0.0.1 formed in {formed:.1f} s")
-        self.watch = self.etcd.watch(f"{self.prefix}/owner/")
+        super().start()
         check = subprocess.run(
             [PY, "-m", "hbmon.cli", "config", "check", str(self.b_config())],
             capture_output=True, text=True, cwd=REPO, timeout=60,
@@ -669,14 +791,13 @@ class Lab:
         except (urllib.error.URLError, OSError):
             return False
 
-    def close(self) -> None:
-        for site in (self.a, self.b):
-            if site is not None:
-                with contextlib.suppress(Exception):
-                    site.stop()
-        if self.watch is not None:
-            self.watch.close()
-        self.procs.stop_all()
+    def sites(self) -> list[Hbmon | None]:
+        return [self.a, self.b]
+
+    def dump(self) -> None:
+        super().dump()
+        if self.b is not None:
+            print(self.b.log_tail(20))
 
     # -- one round -----------------------------------------------------------------------------
 
@@ -688,15 +809,6 @@ class Lab:
         except (urllib.error.URLError, OSError, KeyError):
             return []
         return [r for r in rows if r.get("pair") == pair]
-
-    def a_owns(self, pair: str) -> bool:
-        assert self.a is not None
-        self.a.check()
-        try:
-            arbiter = self.a.status().get("arbiter") or {}
-        except (urllib.error.URLError, OSError):
-            return False
-        return pair in (arbiter.get("owned") or [])
 
     def ready(self, pair: str) -> bool:
         rows = self.b_rows(pair)
@@ -734,8 +846,7 @@ class Lab:
         def promoted() -> dict[str, Any] | None:
             assert self.b is not None
             self.b.check()
-            return next((s for s in read_starts(self.starts)
-                         if s["pair"] == pair and s["event"] == "promote"), None)  # fmt: skip
+            return first_start(self.starts, pair, "promote")
 
         start = wait_until(f"the failover command of {pair}", promoted, PROMOTE_WITHIN, 0.05)
         time.sleep(1.0)  # (logs and journals written; the alert's samples stored)
@@ -851,32 +962,18 @@ def breakdown_lines(s: Sample) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     exit_on_sigterm()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kills", type=int, default=20)
-    p.add_argument("--quick", action="store_true", help="3 kills")
-    p.add_argument("--seed", type=int, default=None)
+    p = lab_parser(__doc__, "kills", 20)
     p.add_argument("--for", dest="rule_for", help="override for: of HbmonHostDown/SiteIsolated")
     p.add_argument("--group-wait", help="override group_wait of the webhook route")
     p.add_argument("--scrape-interval", help="override prometheus.yml scrape_interval")
     p.add_argument("--evaluation-interval", help="override prometheus.yml evaluation_interval")
-    p.add_argument("--lease-ttl", type=float)
-    p.add_argument("--request-timeout", type=float)
-    p.add_argument("--demote-budget", type=float)
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    p.add_argument("--runs", type=int, help="ignored (bench/run_all passes it to every bench)")
+    add_lab_args(p)
     args = p.parse_args(argv)
-    missing = missing_tools("etcd", "etcdctl", "prometheus", "prometheus-alertmanager")
-    if missing:
-        print(f"target 14 takeover: skipped, not installed: {', '.join(missing)} (Debian "
-              "packages etcd-server, etcd-client, prometheus, prometheus-alertmanager)")
+    if skipped_without("14 takeover", "etcd", "etcdctl", "prometheus", "prometheus-alertmanager"):
         return 0
-    kills = 3 if args.quick and args.kills == 20 else args.kills
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
+    kills = round_count(args, "kills", 20)
+    seed, timing = seed_and_timing(args, "takeover")
     ov = Overrides(args.rule_for, args.group_wait, args.scrape_interval, args.evaluation_interval)
-    timing = ArbiterTiming(args.lease_ttl, args.request_timeout, args.demote_budget)
-    problem = timing.effective().problem()
-    if problem is not None:
-        raise SystemExit(f"takeover: {problem}")
     print("command: " + " ".join(["python", "bench/takeover.py", *(argv or sys.argv[1:])]))
     print(machine_line(), flush=True)
     settings = shipped_settings()
@@ -886,37 +983,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"hbmon: interval 1s, miss_threshold 3 (defaults); {kills} kills, seed {seed}",
           flush=True)  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="hbmon-bench-takeover-"))
-    samples: list[Sample] = []
-    alerts: list[str] = []
-    failures = 0
     lab = Lab(root, timing, ov, seed)
-    try:
-        lab.start()
-        for n in range(kills):
-            try:
-                s = lab.round(n)
-            except RuntimeError as err:
-                failures += 1
-                print(f"round {n}: FAILED: {err}", flush=True)
-                if failures >= 3:
-                    raise
-                continue
-            samples.append(s)
-            alerts.append(lab._webhook_alert)
-            print(sample_line(s, lab._webhook_alert) + f"  load {loadavg()}", flush=True)
-    except Exception as err:
-        print(f"ERROR: {type(err).__name__}: {err}")
-        for name in list(lab.procs.procs):
-            print(lab.procs.tail(name, 10))
-        if lab.b is not None:
-            print(lab.b.log_tail(20))
-        args.keep = True
-    finally:
-        lab.close()
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    rounds, failures = lab.run(
+        kills, "round", lambda n: (lab.round(n), lab._webhook_alert),
+        lambda r: sample_line(*r), args.keep,
+    )  # fmt: skip
+    samples = [s for s, _ in rounds]
+    alerts = [a for _, a in rounds]
     return summary(samples, alerts, failures, timing, kills)
 
 

@@ -58,6 +58,7 @@ from typing import Any
 
 import pytest
 from conftest import need
+from netns import kill_namespace_processes, require_netns, sh
 
 SITES: tuple[str, ...] = ("A", "B", "W")
 LINKS: tuple[tuple[str, str], ...] = (("A", "B"), ("A", "W"), ("B", "W"))
@@ -72,7 +73,6 @@ PEER_PORT = 12380
 MGMT_NET = "10.85"
 LOOPBACK_URL = f"http://127.0.0.1:{CLIENT_PORT}"
 COMMAND_TIMEOUT = 2.0  # etcdctl --command-timeout for puts and gets
-SH_TIMEOUT = 30.0
 
 _counter = itertools.count(1)
 _LOCK_FILE = Path("/tmp/hbmon-etcdnet.lock")  # serialises the choice of management subnet
@@ -100,32 +100,11 @@ def ifname(site: str, to: str) -> str:
     return f"to{to}"
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a command (no shell); on failure the test fails with its stderr."""
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=SH_TIMEOUT, check=False)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
 def require_etcdnet() -> None:
     """Root, ``ip``, network namespaces, ``etcd`` and ``etcdctl``; fail under CI, else skip."""
-    need(os.geteuid() == 0, "network namespaces need root")
-    need(shutil.which("ip") is not None, "the `ip` command (iproute2) is missing")
+    require_netns()
     need(shutil.which("etcd") is not None, "etcd not found (Debian package: etcd-server)")
     need(shutil.which("etcdctl") is not None, "etcdctl not found (Debian package: etcd-client)")
-    probe = f"hbeprobe-{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode == 0:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    need(made.returncode == 0, f"cannot create a network namespace: {made.stderr.strip()}")
-
-
-def _kill_namespace_processes(ns: str) -> None:
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-    for pid in out.stdout.split():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
 
 
 def _root_addresses() -> str:
@@ -261,7 +240,7 @@ class EtcdNet:
                     proc.send_signal(signal.SIGCONT)
                     proc.kill()
         for site in self._created:
-            _kill_namespace_processes(self.ns[site])
+            kill_namespace_processes(self.ns[site])
         for site in SITES:
             proc = self.procs.get(site)
             if proc is not None:

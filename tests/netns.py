@@ -157,7 +157,7 @@ def _free_subnet_index() -> int:
     pytest.fail("no free 10.78.K.0/24 and 10.79.K.0/24 management subnet in the root namespace")
 
 
-def _kill_namespace_processes(ns: str) -> None:
+def kill_namespace_processes(ns: str) -> None:
     """SIGKILL what this lab started and left running inside its own namespace."""
     out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
     for pid in out.stdout.split():
@@ -197,7 +197,7 @@ def two_namespaces() -> Iterator[Lab]:
         yield Lab(ns_a, ns_b, f"10.79.{k}.2", f"10.78.{k}.2", (host_a, host_b))
     finally:
         for ns in created:
-            _kill_namespace_processes(ns)
+            kill_namespace_processes(ns)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         for host in (host_a, host_b):  # normally gone with its peer's namespace
             subprocess.run(["ip", "link", "del", host], capture_output=True)

@@ -72,33 +72,33 @@ demote_budget = "0.5s"
 [webhook]
 token_file = "{token}"
 """
-    osaka = f"""site = "osaka"
-state_dir = "{tmp_path / "osaka"}"
-method = "volume"
-interval = "0.5s"
-{arbiter}
-[[beat]]
-id = "db1"
-volume = "{vol}"
-interval = "0.5s"
-demote = {command}
-[[watch]]
+    watch = f"""[[watch]]
 id = "db1"
 volume = "{vol}"
 failover = {command}
 """
-    tokyo = f"""site = "tokyo"
-state_dir = "{tmp_path / "tokyo"}"
+
+    def site(name: str, tables: str) -> str:
+        return f"""site = "{name}"
+state_dir = "{tmp_path / name}"
 method = "volume"
 interval = "0.5s"
 {arbiter}
-[[watch]]
+{tables}"""
+
+    osaka = site("osaka", f"""[[beat]]
 id = "db1"
 volume = "{vol}"
-failover = {command}
+interval = "0.5s"
 demote = {command}
-"""
+{watch}""")  # fmt: skip
+    tokyo = site("tokyo", f"{watch}demote = {command}\n")
     return osaka, tokyo, log, token
+
+
+def handover(to: str, url: str, token: Path) -> subprocess.CompletedProcess[str]:
+    """``hbmon arbiter handover db1 --to TO`` asked of the daemon at ``url``."""
+    return hbmon("arbiter", "handover", "db1", "--to", to, "--url", url, "--token-file", str(token))
 
 
 def commands(log: Path) -> list[str]:
@@ -126,10 +126,7 @@ def test_status_handover_and_fail_back(tmp_path: Path, etcd: Member) -> None:
         assert tokyo.row("db1")["term"] == 1
 
         # A planned handover, asked of the owner: it demotes, tokyo promotes at term 2.
-        moved = hbmon(
-            "arbiter", "handover", "db1", "--to", "tokyo", "--url", osaka.url,
-            "--token-file", str(token),
-        )  # fmt: skip
+        moved = handover("tokyo", osaka.url, token)
         assert moved.returncode == 0, moved.stderr
         assert "handed over to tokyo at term 2" in moved.stdout
         until(lambda: "tokyo db1 2" in commands(log), "tokyo's failover command, token 2")
@@ -143,19 +140,13 @@ def test_status_handover_and_fail_back(tmp_path: Path, etcd: Member) -> None:
         assert [(e["code"], e["token"]) for e in started] == [("handover", 2)]
 
         # Fail-back: the same command at the new owner, a higher term again.
-        back = hbmon(
-            "arbiter", "handover", "db1", "--to", "osaka", "--url", tokyo.url,
-            "--token-file", str(token),
-        )  # fmt: skip
+        back = handover("osaka", tokyo.url, token)
         assert back.returncode == 0, back.stderr
         assert "handed over to osaka at term 3" in back.stdout
         until(lambda: tokyo.row("db1")["state"] == "alive", "osaka's active beats again")
         until(lambda: len(commands(log)) == 4, "osaka's promote at term 3")
         assert commands(log)[2:] == ["tokyo db1 2", "osaka db1 3"]  # demote, then promote
-        wrong = hbmon(
-            "arbiter", "handover", "db1", "--to", "osaka", "--url", tokyo.url,
-            "--token-file", str(token),
-        )  # fmt: skip
+        wrong = handover("osaka", tokyo.url, token)
         assert wrong.returncode == 1
         assert "not handed over" in wrong.stderr  # tokyo no longer owns it
 

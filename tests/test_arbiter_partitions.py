@@ -195,6 +195,11 @@ class Case:
         self._follow_wan()
         return self.note("heal")
 
+    def heal_until_alive(self) -> None:
+        """Heal every link, then wait until B sees PAIR alive again."""
+        self.heal()
+        self.wait(lambda: self.verdict("B") == "alive", 10.0, "db0 alive at B after the heal")
+
     def _follow_wan(self) -> None:
         """The remote copy runs over the A-B link: it stops while that is down."""
         assert self.mirror is not None
@@ -299,6 +304,21 @@ class Case:
         doc: dict[str, Any] = self.status(name)["arbiter"]
         return doc
 
+    def assert_a_kept_the_pair(
+        self, term: int, lease: Any, *, via: str = "W", check_up: bool = True
+    ) -> None:
+        """No promote and no demote in the history, the owner key (read through ``via``'s
+        member) still A's at ``term``, and A's arbiter status: still on ``lease``, owning
+        PAIR, and up (unless ``check_up`` is False)."""
+        assert self.events("promote") == []
+        assert self.events("demote") == []
+        assert self.owner(via=via) == ("A", term)
+        a = self.arbiter_status("A")
+        if check_up:
+            assert (a["up"], a["lease"], a["owned"]) == (True, lease, [PAIR])
+        else:
+            assert (a["lease"], a["owned"]) == (lease, [PAIR])
+
     def history_text(self) -> str:
         return self.history.read_text() if self.history.exists() else "(empty)"
 
@@ -353,6 +373,15 @@ def cases(lab: EtcdNet, tmp_path: Path) -> Iterator[Callable[..., Case]]:
     finally:
         for case in made:
             case.close()
+
+
+def _running(cases: Callable[..., Case]) -> tuple[Case, int]:
+    """A case started (A owning PAIR, B seeing it alive) with the hostile Alertmanager
+    posting to B: the case and A's term of PAIR."""
+    c = cases()
+    c.start()
+    c.start_alerts()
+    return c, c.initial[PAIR]
 
 
 class OwnerWatch:
@@ -436,10 +465,7 @@ def test_host_death_fails_over_once_after_etcd_deleted_the_key(
 def test_a_wan_cut_with_the_witness_reachable_is_isolated_and_never_fails_over(
     cases: Callable[..., Case],
 ) -> None:
-    c = cases()
-    c.start()
-    term = c.initial[PAIR]
-    c.start_alerts()
+    c, term = _running(cases)
     t_cut = c.cut("A", "B")
     seen = c.sample(3 * TTL, lambda: (c.verdict("B"), {r["owner"] for r in c.rows("B")}))
     verdicts = [v for _, (v, _) in seen]
@@ -457,8 +483,7 @@ def test_a_wan_cut_with_the_witness_reachable_is_isolated_and_never_fails_over(
     assert c.started("B") == []
     assert c.owner() == ("A", term)
     assert c.arbiter_status("A")["owned"] == [PAIR]
-    c.heal()
-    c.wait(lambda: c.verdict("B") == "alive", 10.0, "db0 alive at B after the heal")
+    c.heal_until_alive()
     print(f"isolated from {seen[first][0] - t_cut:.2f} s after the cut, {len(refused)} "
           f"owner_alive refusals")  # fmt: skip
     c.finish()
@@ -467,10 +492,7 @@ def test_a_wan_cut_with_the_witness_reachable_is_isolated_and_never_fails_over(
 def test_an_isolated_owner_demotes_then_the_other_site_fails_over_once(
     cases: Callable[..., Case],
 ) -> None:
-    c = cases()
-    c.start()
-    term = c.initial[PAIR]
-    c.start_alerts()
+    c, term = _running(cases)
     t_iso = c.isolate("A")
     c.wait(lambda: c.events("demote"), TTL, "A's demote")
     c.wait(lambda: c.events("promote"), TTL + TAKEOVER_WAIT, "B's failover")
@@ -514,41 +536,26 @@ def test_an_isolated_owner_demotes_then_the_other_site_fails_over_once(
 def test_an_isolated_standby_gets_no_quorum_and_the_owner_keeps_the_pair(
     cases: Callable[..., Case],
 ) -> None:
-    c = cases()
-    c.start()
-    term = c.initial[PAIR]
+    c, term = _running(cases)
     lease = c.arbiter_status("A")["lease"]
-    c.start_alerts()
     t_iso = c.isolate("B")
     c.wait(lambda: c.refusals("B", "no_quorum"), STALE_WITHIN + 4 * RT + 3, "no_quorum at B")
     c.sample(max(0.0, t_iso + TTL + 1.5 - time.monotonic()), lambda: None)
-    assert c.events("promote") == []
-    assert c.events("demote") == []
+    c.assert_a_kept_the_pair(term, lease)
     assert c.started("B") == []
-    assert c.owner() == ("A", term)
-    a = c.arbiter_status("A")
-    assert (a["up"], a["lease"], a["owned"]) == (True, lease, [PAIR])
     assert metric_value(c.metrics("B"), "hbmon_arbiter_up") == 0.0
-    c.heal()
-    c.wait(lambda: c.verdict("B") == "alive", 10.0, "db0 alive at B after the heal")
+    c.heal_until_alive()
     c.finish()
 
 
 def test_an_isolated_witness_changes_nothing(cases: Callable[..., Case]) -> None:
-    c = cases()
-    c.start()
-    term = c.initial[PAIR]
+    c, term = _running(cases)
     lease = c.arbiter_status("A")["lease"]
-    c.start_alerts()
     leader = c.net.leader()
     c.isolate("W")
     seen = c.sample(1.5 * TTL, lambda: c.verdict("B"))
     assert_never_all_stale(seen)
-    assert c.events("promote") == []
-    assert c.events("demote") == []
-    assert c.owner(via="B") == ("A", term)
-    a = c.arbiter_status("A")
-    assert (a["lease"], a["owned"]) == (lease, [PAIR])
+    c.assert_a_kept_the_pair(term, lease, via="B", check_up=False)
     assert {e.get("code") for e in c.journal("B")} == {"table_disagrees"}
     print(f"etcd leader was {leader}")
     c.finish()
@@ -581,11 +588,8 @@ def _record(path: Path, pair: str) -> tuple[int, int, str] | None:
 def test_a_paused_owner_demotes_on_resume_before_any_active_beat(
     cases: Callable[..., Case],
 ) -> None:
-    c = cases()
-    c.start()
-    term = c.initial[PAIR]
+    c, term = _running(cases)
     pvol = c.runner.volumes[0]
-    c.start_alerts()
     a = c.sites["A"]
     a.pause()
     t_pause = mark(c.history, "A", "pause")
@@ -672,11 +676,8 @@ def test_killing_the_etcd_leader_in_steady_state_costs_no_demote_and_no_failover
     """The leader is killed at the worst moment: just before A's renewal falls due, so
     that renewal is the one that has to get through the election (by A's demote_at,
     TTL - RENEW - DB - MARGIN = 1.17 s after it fell due)."""
-    c = cases()
-    c.start()
-    term = c.initial[PAIR]
+    c, term = _running(cases)
     lease = c.arbiter_status("A")["lease"]
-    c.start_alerts()
     leader = c.net.leader()
     assert leader is not None
     due = TTL - RENEW  # A's lease left when its next renewal falls due
@@ -693,11 +694,7 @@ def test_killing_the_etcd_leader_in_steady_state_costs_no_demote_and_no_failover
     c.net.wait_healthy(20.0)
     seen += c.sample(RENEW * 2, lambda: c.verdict("B"))
     assert_never_all_stale(seen)
-    assert c.events("promote") == []
-    assert c.events("demote") == []
-    assert c.owner() == ("A", term)
-    a = c.arbiter_status("A")
-    assert (a["up"], a["lease"], a["owned"]) == (True, lease, [PAIR])
+    c.assert_a_kept_the_pair(term, lease)
     assert [e for e in c.journal("A") if e.get("event") == "demote"] == []
     low = min(v for _, v in lows if v is not None)
     print(
@@ -1098,9 +1095,7 @@ def test_a_bad_arbiter_never_fails_over_and_never_crashes(
 def test_a_foreign_owner_key_is_refused_and_never_failed_over(
     cases: Callable[..., Case],
 ) -> None:
-    c = cases()
-    c.start()
-    c.start_alerts()
+    c, _ = _running(cases)
     key = f"{c.prefix}/owner/{PAIR}"
     assert c.net.put("W", key, "not hbmon's {")  # (no lease: it outlives every site)
     # what A makes of it (reported, not asserted: see the report of this test's author)

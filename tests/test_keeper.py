@@ -62,6 +62,13 @@ def make(
     )
 
 
+def two_sites(store: MemoryStore, clock: FakeClock, tmp_path: Path) -> tuple[Keeper, Keeper]:
+    """osaka beating (so owning) db1, and tokyo beating nothing: a candidate for db1."""
+    osaka = make(store, clock, tmp_path)
+    tokyo = make(store, clock, tmp_path, site="tokyo", pairs=())
+    return osaka, tokyo
+
+
 async def start(tg: anyio.abc.TaskGroup, keeper: Keeper) -> anyio.CancelScope:
     """Run ``keeper`` in ``tg`` until ready; cancelling the scope kills it (no clean-up)."""
     scope = anyio.CancelScope()
@@ -72,6 +79,11 @@ async def start(tg: anyio.abc.TaskGroup, keeper: Keeper) -> anyio.CancelScope:
 
     await tg.start(runner)
     return scope
+
+
+async def start_all(tg: anyio.abc.TaskGroup, *keepers: Keeper) -> list[anyio.CancelScope]:
+    """:func:`start` each of ``keepers`` in turn."""
+    return [await start(tg, keeper) for keeper in keepers]
 
 
 async def run_for(clock: FakeClock, seconds: float, *keepers: Keeper) -> None:
@@ -85,6 +97,13 @@ def gate(log: Path, go: Path) -> tuple[str, ...]:
     """A demote command that notes its pair in ``log``, then waits for ``go`` to exist."""
     script = 'echo "$HBMON_PAIR" >> "$0"; while [ ! -e "$1" ]; do sleep 0.01; done'
     return ("/bin/sh", "-c", script, str(log), str(go))
+
+
+def gated(store: MemoryStore, clock: FakeClock, tmp_path: Path) -> tuple[Keeper, Path]:
+    """A keeper of db1 whose demote command notes itself in ``tmp_path/gate``, then waits
+    until the file returned exists."""
+    go = tmp_path / "go"
+    return make(store, clock, tmp_path, demote=gate(tmp_path / "gate", go)), go
 
 
 async def until(ready: Callable[[], object], within: float = 5.0) -> None:
@@ -284,8 +303,7 @@ async def test_a_renewal_hanging_in_flight_does_not_delay_the_demote(
 async def test_the_lease_is_revoked_only_once_the_demote_has_ended(
     clock: FakeClock, store: MemoryStore, tmp_path: Path
 ) -> None:
-    go = tmp_path / "go"
-    keeper = make(store, clock, tmp_path, demote=gate(tmp_path / "gate", go))
+    keeper, go = gated(store, clock, tmp_path)
     async with anyio.create_task_group() as tg:
         kill = await start(tg, keeper)
         lease = keeper.lease
@@ -307,8 +325,7 @@ async def test_the_lease_is_revoked_only_once_the_demote_has_ended(
 async def test_a_release_the_store_did_not_take_leaves_the_pair_demoted(
     clock: FakeClock, store: MemoryStore, tmp_path: Path
 ) -> None:
-    go = tmp_path / "go"
-    keeper = make(store, clock, tmp_path, demote=gate(tmp_path / "gate", go))
+    keeper, go = gated(store, clock, tmp_path)
     async with anyio.create_task_group() as tg:
         kill = await start(tg, keeper)
         failed: list[Exception] = []
@@ -425,7 +442,7 @@ async def test_an_owned_key_deleted_or_taken_is_demoted_at_once(
     osaka = make(store, clock, tmp_path, pairs=("db1", "db2"))
     tokyo = make(store, clock, tmp_path, site="tokyo", pairs=())
     async with anyio.create_task_group() as tg:
-        kills = [await start(tg, osaka), await start(tg, tokyo)]
+        kills = await start_all(tg, osaka, tokyo)
         await run_for(clock, 1, osaka, tokyo)
         view = await store.view()
         if change == "deleted":  # (an operator with etcdctl, say)
@@ -485,11 +502,10 @@ async def test_a_broken_watch_is_unknown_until_the_view_is_read_again(
 async def test_take_over_refuses_owner_alive_after_waiting(
     clock: FakeClock, store: MemoryStore, tmp_path: Path
 ) -> None:
-    osaka = make(store, clock, tmp_path)
-    tokyo = make(store, clock, tmp_path, site="tokyo", pairs=())
+    osaka, tokyo = two_sites(store, clock, tmp_path)
     outcome = Outcome(clock)
     async with anyio.create_task_group() as tg:
-        kills = [await start(tg, osaka), await start(tg, tokyo)]
+        kills = await start_all(tg, osaka, tokyo)
         tg.start_soon(outcome.take_over, tokyo, "db1", WAIT)
         await run_for(clock, WAIT - 0.25, osaka, tokyo)
         assert outcome.at is None  # still waiting for the key to go
@@ -507,12 +523,10 @@ async def test_take_over_refuses_owner_alive_after_waiting(
 async def test_take_over_once_the_store_deleted_the_dead_owner_key(
     clock: FakeClock, store: MemoryStore, tmp_path: Path
 ) -> None:
-    osaka = make(store, clock, tmp_path)
-    tokyo = make(store, clock, tmp_path, site="tokyo", pairs=())
+    osaka, tokyo = two_sites(store, clock, tmp_path)
     outcome = Outcome(clock)
     async with anyio.create_task_group() as tg:
-        kill_osaka = await start(tg, osaka)
-        kill_tokyo = await start(tg, tokyo)
+        kill_osaka, kill_tokyo = await start_all(tg, osaka, tokyo)
         await run_for(clock, 5, osaka, tokyo)  # osaka renewed at T0+5: expires at T0+20
         kill_osaka.cancel()  # the host dies
         tg.start_soon(outcome.take_over, tokyo, "db1", WAIT)
@@ -553,12 +567,10 @@ async def test_a_takeover_whose_claim_answer_was_lost_is_still_the_takeover(
     its answer was lost; take_over refused no_quorum while the watch made the candidate
     the owner, so the pair was owned at the new term and its failover never ran."""
     store = LosesClaimAnswers(clock)
-    osaka = make(store, clock, tmp_path)
-    tokyo = make(store, clock, tmp_path, site="tokyo", pairs=())
+    osaka, tokyo = two_sites(store, clock, tmp_path)
     outcome = Outcome(clock)
     async with anyio.create_task_group() as tg:
-        kill_osaka = await start(tg, osaka)
-        kill_tokyo = await start(tg, tokyo)
+        kill_osaka, kill_tokyo = await start_all(tg, osaka, tokyo)
         kill_osaka.cancel()  # the host dies
         store.lost = 1
         tg.start_soon(outcome.take_over, tokyo, "db1", WAIT)
@@ -631,10 +643,9 @@ async def test_take_over_refuses_no_quorum_and_foreign_keys_and_its_own_pair(
 async def test_release_hand_over_and_claim_demote_first_and_raise_the_term(
     clock: FakeClock, store: MemoryStore, tmp_path: Path
 ) -> None:
-    osaka = make(store, clock, tmp_path)
-    tokyo = make(store, clock, tmp_path, site="tokyo", pairs=())
+    osaka, tokyo = two_sites(store, clock, tmp_path)
     async with anyio.create_task_group() as tg:
-        kills = [await start(tg, osaka), await start(tg, tokyo)]
+        kills = await start_all(tg, osaka, tokyo)
         await osaka.release("db1")
         assert demoted(tmp_path) == ["db1 1 osaka"]  # the demote ran before the key went
         await run_for(clock, 1, osaka, tokyo)
@@ -819,7 +830,7 @@ async def test_garbage_over_a_live_owner_key_stops_nobody_and_starts_nobody(
     tokyo = make(store, clock, tmp_path, site="tokyo", pairs=("db7",))
     waiting = Outcome(clock)
     async with anyio.create_task_group() as tg:
-        kills = [await start(tg, osaka), await start(tg, tokyo)]
+        kills = await start_all(tg, osaka, tokyo)
         tg.start_soon(waiting.take_over, tokyo, "db1", WAIT)
         await run_for(clock, 1, osaka, tokyo)
         assert waiting.at is None  # waiting for osaka's key to go
