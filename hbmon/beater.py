@@ -145,6 +145,7 @@ class Beater:
         self.targets: dict[str, BeatTarget] = {}
         self.stopping = False
         self._drained: anyio.Event | None = None
+        self._inflight = 0  # targets with a write in flight (no scan of 10,000 per write)
         self._heap: list[tuple[float, int, BeatTarget]] = []
         self._seq = 0
         self._wake = anyio.Event()
@@ -238,6 +239,7 @@ class Beater:
 
     def _submit(self, target: BeatTarget, record: Record) -> BeatTarget:
         target.record = record
+        self._inflight += not target.inflight
         target.inflight, target.submitted = True, self.clock.monotonic()
         return target
 
@@ -280,8 +282,9 @@ class Beater:
             self._deliver(target, out)
 
     def _deliver(self, target: BeatTarget, out: WriteOutcome) -> None:
+        self._inflight -= target.inflight
         target.inflight = target.hung = False
-        if self._drained is not None and not any(t.inflight for t in self.targets.values()):
+        if self._drained is not None and not self._inflight:
             self._drained.set()
         stats = target.stats
         if not out.reason:
@@ -319,8 +322,11 @@ class Beater:
         with anyio.move_on_after(self.write_timeout) as scope:
             if any(t.inflight for t in targets):
                 self._drained = anyio.Event()
-                with anyio.move_on_after(self.pool.stall_after * 2):
-                    await self._drained.wait()
+                try:
+                    with anyio.move_on_after(self.pool.stall_after * 2):
+                        await self._drained.wait()
+                finally:
+                    self._drained = None
             batch = []
             for target in targets:
                 record = self._next_record(target, State.STOPPING)

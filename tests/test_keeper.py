@@ -852,3 +852,28 @@ async def test_garbage_over_a_live_owner_key_stops_nobody_and_starts_nobody(
         for kill in kills:
             kill.cancel()
     assert demotes(osaka) == []
+
+
+async def test_start_claims_slower_than_a_renewal_period_do_not_hold_the_renewals_back(
+    clock: FakeClock, store: MemoryStore, tmp_path: Path
+) -> None:
+    """600 pairs whose start claims take 0.1 s each (one by one: the memory store has no
+    batches) need ~15 s, a whole lease_ttl.  The renewals go on beside them (they waited
+    for the claims once, and at 10,000 pairs a site gave up its lease and demoted
+    everything during its own start): every pair is claimed, nothing is demoted, and the
+    lease was renewed every renew_every meanwhile."""
+    pairs = tuple(f"p{n:03d}" for n in range(600))
+    keeper = make(store, clock, tmp_path, pairs=pairs)
+    store.delay = 0.1
+    async with anyio.create_task_group() as tg:
+        kill = await start(tg, keeper)
+        began = clock.monotonic()
+        while len(keeper.statistics().owned) < len(pairs):
+            await run_for(clock, 1, keeper)
+            assert clock.monotonic() - began < 60, len(keeper.statistics().owned)
+        took = clock.monotonic() - began
+        assert took >= TIMING.lease_ttl, took  # (the case: claims outlast a lease)
+        assert store.calls["keepalive"] >= took // TIMING.renew_every - 1, store.calls
+        assert keeper.lease_clock.valid()
+        kill.cancel()
+    assert demotes(keeper) == []

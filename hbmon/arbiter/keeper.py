@@ -107,7 +107,7 @@ class Keeper:
         # Told (pair, term) when the store hands this site a pair (a planned handover or
         # fail-back): the site runs that pair's failover command with the new term.
         self.on_gained: Callable[[str, int], None] | None = None
-        self._claiming: set[str] = set()  # take_over's claims in flight
+        self._claiming: set[str] = set()  # claims in flight (take_over, start claims)
         # Told the pair whose owner the view now shows differently (the verdict of a pair
         # whose every path is stale depends on it).
         self.on_change: Callable[[str], None] | None = None
@@ -179,15 +179,41 @@ class Keeper:
             due = await self._step()
             tg.start_soon(self._watcher)
             tg.start_soon(self._watchdog)
+            tg.start_soon(self._renewer, due)
+            await tg.start(self._claimer)  # ownership known (or the arbiter unavailable)
             task_status.started()
-            while True:
-                await self.clock.sleep_until(due, self._kick)
-                if self._kick.is_set():
-                    self._kick = anyio.Event()
-                due = await self._step()
+
+    async def _renewer(self, due: float) -> None:
+        while True:
+            await self.clock.sleep_until(due, self._kick)
+            if self._kick.is_set():
+                self._kick = anyio.Event()
+            due = await self._step()
+
+    async def _claimer(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """The start claims, beside the renewals: at 10,000 pairs (or a slow arbiter) they
+        take longer than a renewal period, and a renewal waiting for them would let the
+        lease run out.  Ready after the first attempt, claimed or not."""
+        ready = False
+        while self._pending or self._first_round:
+            lease = self.lease
+            try:
+                if lease is not None:
+                    await self._claim_pending()
+            except LeaseLost as err:
+                await self._give_up(lease, f"the arbiter says the lease is gone: {err}")
+            except ArbiterUnavailable:
+                pass
+            if not ready:
+                task_status.started()
+                ready = True
+            if self._pending or self._first_round:
+                await self.clock.sleep_until(self.clock.monotonic() + self._retry)
+        if not ready:
+            task_status.started()
 
     async def _step(self) -> float:
-        """One round: get a lease, renew it when due, claim at start; when the next is due."""
+        """One round: get a lease, or renew it when due; when the next is due."""
         lease = self.lease
         try:
             if lease is None:
@@ -205,8 +231,6 @@ class Keeper:
             if not self._registered and self.lease is not None:
                 await self._ask(self.store.register, self.site, self.lease)
                 self._registered = True
-            if self._pending or self._first_round:
-                await self._claim_pending()
         except LeaseLost as err:
             lost = self.lease if lease is None else lease
             await self._give_up(lost, f"the arbiter says the lease is gone: {err}")
@@ -250,12 +274,20 @@ class Keeper:
         if lease is None:
             return
 
-        async def claim(pairs: Sequence[str]) -> dict[str, Owner | OwnerTaken]:
-            return await self._ask(self.store.claim_many, pairs, self.site, lease)
-
         def got(owner: Owner) -> None:
             if lease == self.lease and owner.pair in self._pending:
                 self._own(owner)
+
+        async def claim(pairs: Sequence[str]) -> dict[str, Owner | OwnerTaken]:
+            self._claiming.update(pairs)  # (the watch, beside, may see these claims first)
+            try:
+                answers = await self._ask(self.store.claim_many, pairs, self.site, lease)
+                for answer in answers.values():
+                    if isinstance(answer, Owner):
+                        got(answer)  # (owned before the watch can take it for a handover)
+                return answers
+            finally:
+                self._claiming.difference_update(pairs)
 
         view = await self._ask(self.store.view)  # (skip what is not this site's to claim)
         if self._first_round:  # a restart: what this site took last (a failover) is its own
