@@ -4,11 +4,14 @@ One lease per site, renewed every lease_ttl / 3, and one idle watch: the steady-
 traffic must not grow with the number of pairs, and the CPU it adds must stay within 1 %
 of a core.  For each size the same site (``hbmon run`` beating N pairs into LUN files,
 250 slots each) runs twice, without ``[arbiter]`` (the baseline) and with it against a
-real single-member etcd on localhost; the two runs alternate, and each is measured after
-its start-up claims are done.  Prints requests/s at the arbiter (hbmon_arbiter_requests_total
-over the window), CPU % of one core with and without, and the difference.
+real single-member etcd on localhost; the two runs alternate, and both are measured from
+the same time after serving (``--settle``; and 3 s after the start claims are done: the
+start-up of 10,000 beats costs seconds of CPU, and a baseline measured sooner than the
+arbiter's side counts it).  Prints requests/s at the arbiter (hbmon_arbiter_requests_total
+over the window), CPU % of one core with and without, the difference, and how long the
+start claims took.
 
-    .venv/bin/python bench/arbiter_cost.py [--quick] [--runs N] [--window S]
+    .venv/bin/python bench/arbiter_cost.py [--quick] [--runs N] [--window S] [--settle S]
 """
 
 from __future__ import annotations
@@ -102,7 +105,11 @@ def config_body(beats: list[tuple[str, Path, int]], etcd: str | None) -> str:
 
 
 def run_once(
-    folder: Path, beats: list[tuple[str, Path, int]], etcd: str | None, window: float
+    folder: Path,
+    beats: list[tuple[str, Path, int]],
+    etcd: str | None,
+    window: float,
+    settle: float,
 ) -> tuple[float, float | None, float | None]:
     """CPU % of one core over ``window`` s, arbiter requests/s and the seconds from
     serving to every pair owned (start-up claims); None without an arbiter."""
@@ -124,7 +131,9 @@ def run_once(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {owned} of {len(beats)} pairs owned after 300 s")
             time.sleep(0.2)
-        time.sleep(3)  # settle
+        # both sides measured as long after serving (the start-up of 10,000 beats is
+        # seconds of CPU): at least `settle` s after serving, and 3 s after the claims
+        time.sleep(max(3.0, serving + settle - time.monotonic()))
         before = metric_value(site.metrics(), "hbmon_arbiter_requests_total")
         started = time.monotonic()
         cpu = measure_cpu(site.pid, window)
@@ -142,6 +151,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 pairs, 10 s windows")
     parser.add_argument("--runs", type=int, default=2, help="runs of each case (median)")
     parser.add_argument("--window", type=float, default=30.0, help="seconds measured per run")
+    parser.add_argument(
+        "--settle", type=float, default=40.0, help="seconds after serving before measuring"
+    )
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     if shutil.which("etcd") is None or shutil.which("etcdctl") is None:
@@ -149,17 +161,21 @@ def main() -> None:
         return
     sizes = (100, 1000) if args.quick else (100, 10_000)
     window = 10.0 if args.quick else args.window
+    settle = 10.0 if args.quick else args.settle
     print(machine_line())
     folder = Path(tempfile.mkdtemp(prefix="hbmon-arbiter-cost-"))
     etcd_proc, etcd = start_etcd(folder)
     try:
-        print(f"etcd 3.4 single member at {etcd}; window {window:g} s, {args.runs} run(s) each")
+        print(
+            f"etcd 3.4 single member at {etcd}; window {window:g} s, settle {settle:g} s, "
+            f"{args.runs} run(s) each"
+        )
         for pairs in sizes:
             beats = make_luns(folder / f"luns{pairs}", pairs)
             plain, armed, rates, claims = [], [], [], []
             for _ in range(args.runs):  # alternate: drift in the machine hits both
-                plain.append(run_once(folder, beats, None, window)[0])
-                cpu, rate, claimed = run_once(folder, beats, etcd, window)
+                plain.append(run_once(folder, beats, None, window, settle)[0])
+                cpu, rate, claimed = run_once(folder, beats, etcd, window, settle)
                 armed.append(cpu)
                 if rate is not None:
                     rates.append(rate)
