@@ -148,7 +148,9 @@ def run_once(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="100 and 1,000 pairs, 10 s windows")
+    parser.add_argument(
+        "--quick", action="store_true", help="100 and 1,000 pairs, 1 run, 10 s window and settle"
+    )
     parser.add_argument("--runs", type=int, default=2, help="runs of each case (median)")
     parser.add_argument("--window", type=float, default=30.0, help="seconds measured per run")
     parser.add_argument(
@@ -162,18 +164,19 @@ def main() -> None:
     sizes = (100, 1000) if args.quick else (100, 10_000)
     window = 10.0 if args.quick else args.window
     settle = 10.0 if args.quick else args.settle
+    runs = 1 if args.quick else args.runs
     print(machine_line())
     folder = Path(tempfile.mkdtemp(prefix="hbmon-arbiter-cost-"))
     etcd_proc, etcd = start_etcd(folder)
     try:
         print(
             f"etcd 3.4 single member at {etcd}; window {window:g} s, settle {settle:g} s, "
-            f"{args.runs} run(s) each"
+            f"{runs} run(s) each"
         )
         for pairs in sizes:
             beats = make_luns(folder / f"luns{pairs}", pairs)
             plain, armed, rates, claims = [], [], [], []
-            for _ in range(args.runs):  # alternate: drift in the machine hits both
+            for _ in range(runs):  # alternate: drift in the machine hits both
                 plain.append(run_once(folder, beats, None, window, settle)[0])
                 cpu, rate, claimed = run_once(folder, beats, etcd, window, settle)
                 armed.append(cpu)
