@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import secrets
 import zlib
 from collections.abc import Callable
@@ -187,6 +188,7 @@ class Beater:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         heap = self._heap
+        self._keep_phases(self.clock.monotonic())  # (configured long before: claims first)
         async with anyio.create_task_group() as tg:
             task_status.started()
             while True:
@@ -210,10 +212,7 @@ class Beater:
                                 self._check_hung(target, now)
                         else:
                             batch.append(self._submit(target, record))
-                    following = due + target.config.interval
-                    if following <= now:
-                        following = now + target.config.interval
-                    later.append((following, seq, target))
+                    later.append((_next_due(due, target.config.interval, now), seq, target))
                 for entry in later:
                     heapq.heappush(heap, entry)
                 if batch:
@@ -224,6 +223,18 @@ class Beater:
                     until = min(until, now + 0.05)
                 self._wake = anyio.Event()
                 await self.clock.sleep_until(until, self._wake)
+
+    def _keep_phases(self, now: float) -> None:
+        """Move beats due over an interval before ``now`` to their next due time in their
+        own phase: a site that starts beating well after it was configured (its arbiter's
+        start claims took seconds) spreads its first beats over the interval, not all in
+        one burst (at 10,000 pairs, 10,000 datagrams at once)."""
+        heap = self._heap
+        for n, (due, seq, target) in enumerate(heap):
+            interval = target.config.interval
+            if due < now - interval:  # (late by less: its first beat is on its way)
+                heap[n] = (_next_due(due - interval, interval, now), seq, target)
+        heapq.heapify(heap)
 
     def _next_record(self, target: BeatTarget, state: State) -> Record:
         stats = target.stats
@@ -345,3 +356,12 @@ class Beater:
             if target.volume is not None and not target.inflight:
                 target.volume.close()
                 target.volume = None
+
+
+def _next_due(due: float, interval: float, now: float) -> float:
+    """The beat after one due at ``due``: an interval later, or, fallen behind (a stall),
+    the first time after ``now`` in the same phase."""
+    following = due + interval
+    if following <= now:
+        following += (math.floor((now - following) / interval) + 1) * interval
+    return following

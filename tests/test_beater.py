@@ -135,3 +135,33 @@ async def test_beats_are_written_at_their_interval_in_virtual_time(tmp_path: Pat
     stats = table.writers["db1"]
     assert (stats.written, stats.serial) == (len(due), len(due))
     assert slot_record(tmp_path / "pvol.img", 0, "db1").serial == len(due)
+
+
+async def test_a_late_start_keeps_the_beats_spread_over_the_interval(tmp_path: Path) -> None:
+    """Configured 20 s before it runs (a site's arbiter start claims at 10,000 pairs take
+    that long), the beater still spreads its 50 beats over their 1 s interval, each in its
+    own phase, and each pair beats once a second.  They used to fall due all at once and
+    stay in one burst every second for good (10,000 datagrams and writes at once)."""
+    clock = FakeClock()
+    table = StatusTable(clock)
+    vol = tmp_path / "lun.vol"
+    beats = tuple(BeatConfig(f"db{n}", vol, slot=n, interval=1.0) for n in range(50))
+    beater = Beater(table, clock, beats)
+    clock.advance(20.0)
+    ticks: list[float] = []
+    submit = beater._submit
+
+    def noting(target: object, record: Record) -> object:
+        ticks.append(clock.monotonic())
+        return submit(target, record)  # type: ignore[arg-type]
+
+    beater._submit = noting  # type: ignore[assignment,method-assign]
+    async with anyio.create_task_group() as tg:
+        await tg.start(beater.run)
+        await pass_time(beater, 3.0)
+        tg.cancel_scope.cancel()
+    beater.close()
+    assert 140 <= len(ticks) <= 160, len(ticks)  # ~3 beats each
+    per_second = [len({t for t in ticks if s <= t - 1020.0 < s + 1}) for s in range(3)]
+    assert all(n >= 10 for n in per_second), per_second  # ticks, not one burst a second
+    assert all(1 <= table.writers[f"db{n}"].written <= 4 for n in range(50))
