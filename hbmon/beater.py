@@ -133,7 +133,7 @@ class Beater:
         write_timeout: float = 2.0,
         sender: NetSender | None = None,
         on_written: Callable[[str], None] | None = None,
-        owned: Callable[[str], bool] | None = None,
+        owned: Callable[[str, float], bool] | None = None,
     ) -> None:
         self.table = table
         # Asked before every beat (with an arbiter): may this site still serve the pair?
@@ -204,7 +204,7 @@ class Beater:
                         later.append((due, seq, target))
                         continue
                     if not target.paused and not self.stopping:
-                        owned = self.owned is None or self.owned(target.config.id)
+                        owned = self.owned is None or self.owned(target.config.id, now)
                         record = self._next_record(target, State.ACTIVE if owned else State.STANDBY)
                         self._send(target, BEAT, record)
                         if target.inflight:

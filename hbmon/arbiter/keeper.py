@@ -114,12 +114,13 @@ class Keeper:
 
     # -- what the others ask ------------------------------------------------------------
 
-    def owned(self, pair: str) -> bool:
-        """True while this site owns ``pair`` and can prove its lease; the first False after
-        the lease ran out (a pause) starts the demote at once."""
+    def owned(self, pair: str, now: float | None = None) -> bool:
+        """True while this site owns ``pair`` and can prove its lease (at ``now``, the
+        beater's tick: 10,000 beats a second read the clock once a tick, not each); the
+        first False after the lease ran out (a pause) starts the demote at once."""
         if pair not in self._owned:
             return False
-        if self.lease_clock.valid():
+        if self.lease_clock.valid(now):
             return True
         self._alarm.set()
         return False
