@@ -790,6 +790,39 @@ async def test_a_site_that_took_a_pair_over_takes_it_back_after_its_own_restart(
         kill.cancel()
 
 
+async def test_a_restart_within_the_lease_keeps_a_taken_pair_without_promoting_it_again(
+    clock: FakeClock, store: MemoryStore, tmp_path: Path
+) -> None:
+    """Seen in bench/partitions.py (seed 1408, schedule 32: kill(B) after B took the pairs
+    over): tokyo's daemon restarts within its lease, reuses it, and finds db1's owner key
+    already under it.  That is its own pair, not a handover: on_gained (which runs the
+    failover command again, with the same token) must not be told; the watch's first read
+    came before the start claims and took it for one."""
+    osaka = make(store, clock, tmp_path, pairs=("db1",))
+    async with anyio.create_task_group() as tg:
+        kill = await start(tg, osaka)
+        kill.cancel()  # osaka dies
+    clock.advance(16)
+    store.expire()
+    tokyo = make(store, clock, tmp_path, site="tokyo", pairs=())
+    async with anyio.create_task_group() as tg:
+        kill = await start(tg, tokyo)
+        assert await tokyo.take_over("db1", WAIT) == 2
+        kill.cancel()  # tokyo's daemon is killed ...
+    clock.advance(2)  # ... and back within its lease
+    again = make(store, clock, tmp_path, site="tokyo", pairs=())
+    gained: list[tuple[str, int]] = []
+    again.on_gained = lambda pair, term: gained.append((pair, term))
+    async with anyio.create_task_group() as tg:
+        kill = await start(tg, again)
+        await run_for(clock, 1, again)
+        assert again.lease == tokyo.lease
+        assert again.owned("db1")
+        assert again.statistics().terms["db1"] == 2
+        kill.cancel()
+    assert gained == []
+
+
 async def test_a_pair_demoted_here_is_not_taken_back_by_a_restart(
     clock: FakeClock, store: MemoryStore, tmp_path: Path
 ) -> None:

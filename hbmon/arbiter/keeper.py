@@ -475,7 +475,11 @@ class Keeper:
             if mine is None and pair in self._disowned:
                 return  # demoted here: never taken back by the keeper itself
             self._own(now)
-            if mine is None and pair not in self._claiming:
+            # Not a handover: a claim of its own in flight, or a key this site held when it
+            # started (a restart within its lease: the start claims keep it, as before the
+            # watch's first read; told, the site would run the failover command again).
+            starting = self._first_round or pair in self._pending
+            if mine is None and pair not in self._claiming and not starting:
                 log.warning("arbiter: %s was handed to this site (term %d)", pair, now.term)
                 if self.on_gained is not None:
                     self.on_gained(pair, now.term)
