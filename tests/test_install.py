@@ -186,6 +186,11 @@ def lock_problems(project: dict[str, Any], req_dir: Path) -> list[str]:
         other = {(p.name, p.version) for p in locks[lock]}
         if not other <= dev:
             problems.append(f"requirements/{lock} differs from dev.txt: {sorted(other - dev)}")
+    # the locks are resolved from the oldest Python that requires-python allows
+    floor = re.fullmatch(r">=\s*([0-9.]+)", project["project"]["requires-python"])
+    used = re.search(r"--python-version (\S+)", (ROOT / "scripts" / "lock").read_text())
+    if not floor or not used or floor[1] != used[1]:
+        problems.append("scripts/lock's --python-version is not the floor of requires-python")
     both = {p.name for p in locks["runtime.txt"]} & {p.name for p in locks["build.txt"]}
     if both:
         problems.append(f"runtime.txt and build.txt both pin {sorted(both)}")
@@ -220,6 +225,11 @@ def test_a_dependency_added_or_dropped_without_relocking_is_found() -> None:
         "requirements/runtime.txt pins aiofiles for hbmon (pyproject.toml), which no longer "
         "declares it" in stale
     )
+    newer = copy.deepcopy(PYPROJECT)
+    newer["project"]["requires-python"] = ">=3.12"
+    assert lock_problems(newer, REQ) == [
+        "scripts/lock's --python-version is not the floor of requires-python"
+    ]
     build = copy.deepcopy(PYPROJECT)
     build["build-system"]["requires"] = ["setuptools>=64", "wheel"]
     assert "wheel is not pinned in requirements/build.txt" in lock_problems(build, REQ)
