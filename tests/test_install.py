@@ -26,6 +26,7 @@ import sys
 import tomllib
 import venv
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,36 +204,59 @@ def test_the_locks_agree_with_pyproject() -> None:
 
 
 def test_a_dependency_added_or_dropped_without_relocking_is_found() -> None:
-    """lock_problems on pyprojects changed the ways that need scripts/lock."""
-    added = copy.deepcopy(PYPROJECT)
-    added["project"]["dependencies"].append("tomli-w>=1.0")
-    assert lock_problems(added, REQ) == [
-        "tomli-w>=1.0 is not pinned in requirements/dev.txt",
-        "tomli-w>=1.0 is not pinned in requirements/runtime.txt",
-    ]
-    raised = copy.deepcopy(PYPROJECT)
-    raised["project"]["dependencies"] = [
-        "aiohttp>=99" if r.startswith("aiohttp") else r
-        for r in PYPROJECT["project"]["dependencies"]
-    ]
-    assert any("pins aiohttp==" in p and "not aiohttp>=99" in p for p in lock_problems(raised, REQ))
-    dropped = copy.deepcopy(PYPROJECT)
-    dropped["project"]["dependencies"] = [
-        r for r in PYPROJECT["project"]["dependencies"] if not r.startswith("aiofiles")
-    ]
-    stale = lock_problems(dropped, REQ)
+    """lock_problems on pyprojects changed in the ways that need scripts/lock: each
+    change adds exactly its own problems to those of the real pyproject (none)."""
+    base = set(lock_problems(PYPROJECT, REQ))
+
+    def new_problems(edit: Callable[[dict[str, Any]], None]) -> set[str]:
+        project = copy.deepcopy(PYPROJECT)
+        edit(project)
+        return set(lock_problems(project, REQ)) - base
+
+    deps = PYPROJECT["project"]["dependencies"]
+    first = canonicalize_name(Requirement(deps[0]).name)
+    assert new_problems(lambda p: p["project"]["dependencies"].append("no-such-dist>=1.0")) == {
+        "no-such-dist>=1.0 is not pinned in requirements/dev.txt",
+        "no-such-dist>=1.0 is not pinned in requirements/runtime.txt",
+    }
+    assert new_problems(lambda p: p["project"]["optional-dependencies"]["dev"].append("nsd")) == {
+        "nsd is not pinned in requirements/dev.txt"
+    }
+
+    def raise_first(p: dict[str, Any]) -> None:
+        p["project"]["dependencies"][0] = f"{first}>=999"
+
+    raised = new_problems(raise_first)
+    assert {m.split(" pins ")[0] for m in raised} == {
+        "requirements/dev.txt",
+        "requirements/runtime.txt",
+    }
+    assert all(m.endswith(f", not {first}>=999") for m in raised), raised
+
+    def drop_first(p: dict[str, Any]) -> None:
+        del p["project"]["dependencies"][0]
+
+    stale = {m for m in new_problems(drop_first) if "no longer declares it" in m}
     assert (
-        "requirements/runtime.txt pins aiofiles for hbmon (pyproject.toml), which no longer "
-        "declares it" in stale
+        f"requirements/runtime.txt pins {first} for hbmon (pyproject.toml), which no "
+        "longer declares it" in stale
     )
-    newer = copy.deepcopy(PYPROJECT)
-    newer["project"]["requires-python"] = ">=3.12"
-    assert lock_problems(newer, REQ) == [
+
+    def newer_python(p: dict[str, Any]) -> None:
+        p["project"]["requires-python"] = ">=3.12"
+
+    assert new_problems(newer_python) == {
         "scripts/lock's --python-version is not the floor of requires-python"
-    ]
-    build = copy.deepcopy(PYPROJECT)
-    build["build-system"]["requires"] = ["setuptools>=64", "wheel"]
-    assert "wheel is not pinned in requirements/build.txt" in lock_problems(build, REQ)
+    }
+
+    def build_with_wheel(p: dict[str, Any]) -> None:
+        p["build-system"]["requires"].append("wheel")
+
+    assert new_problems(build_with_wheel) == {
+        "wheel is not pinned in requirements/dev.txt",
+        "wheel is not pinned in requirements/build.txt",
+        "requirements/build.in is not build-system.requires of pyproject.toml",
+    }
 
 
 def uv_bin() -> Path:
