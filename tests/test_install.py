@@ -63,44 +63,34 @@ def read_lock(path: Path) -> list[Pin]:
     """The entries of a lock file as uv writes it (``name==version ; marker \\``, hash
     continuation lines, then ``# via`` lines)."""
     pins: list[Pin] = []
-    entry: dict[str, object] | None = None
+    head: re.Match[str] | None = None
+    hashes: list[str] = []
+    via: list[str] = []
     in_via = False
 
     def flush() -> None:
-        if entry is not None:
+        if head is not None:
+            marker = Marker(head[3]) if head[3] else None
             pins.append(
-                Pin(
-                    str(entry["name"]),
-                    str(entry["version"]),
-                    entry["marker"],  # type: ignore[arg-type]
-                    tuple(entry["hashes"]),  # type: ignore[call-overload]
-                    frozenset(entry["via"]),  # type: ignore[call-overload]
-                )
+                Pin(canonicalize_name(head[1]), head[2], marker, tuple(hashes), frozenset(via))
             )
 
     for raw in path.read_text().splitlines():
         line = raw.rstrip("\\").strip()
-        if not raw.startswith((" ", "#")) and line:
+        if line and not raw.startswith((" ", "#")):
             flush()
-            m = re.fullmatch(r"([A-Za-z0-9._-]+)==([^ ;]+)\s*(?:;\s*(.+?))?\s*", line)
-            assert m, f"{path.name}: not a pinned requirement: {raw!r}"
-            entry = {
-                "name": canonicalize_name(m[1]),
-                "version": m[2],
-                "marker": Marker(m[3]) if m[3] else None,
-                "hashes": [],
-                "via": [],
-            }
-            in_via = False
-        elif entry is not None and line.startswith("--hash="):
-            entry["hashes"].append(line.removeprefix("--hash="))  # type: ignore[attr-defined]
-        elif entry is not None and line.startswith("# via"):
+            head = re.fullmatch(r"([A-Za-z0-9._-]+)==([^ ;]+)\s*(?:;\s*(.+?))?\s*", line)
+            assert head, f"{path.name}: not a pinned requirement: {raw!r}"
+            hashes, via, in_via = [], [], False
+        elif head is not None and line.startswith("--hash="):
+            hashes.append(line.removeprefix("--hash="))
+        elif head is not None and line.startswith("# via"):
             rest = line.removeprefix("# via").strip()
             if rest:
-                entry["via"].append(rest)  # type: ignore[attr-defined]
+                via.append(rest)
             in_via = not rest
-        elif entry is not None and in_via and line.startswith("#   "):
-            entry["via"].append(line.removeprefix("#").strip())  # type: ignore[attr-defined]
+        elif head is not None and in_via and line.startswith("#   "):
+            via.append(line.removeprefix("#").strip())
     flush()
     return pins
 
