@@ -206,7 +206,7 @@ class Poller:
         for w in config.watches:
             self.watch(
                 w.id,
-                str(w.volume),
+                str(w.volume) if w.volume is not None and w.method != "network" else None,
                 w.slot,
                 w.method,
                 w.timing,
@@ -219,7 +219,7 @@ class Poller:
     def watch(
         self,
         pair: str,
-        path: str,
+        path: str | None,
         slot: int,
         method: str,
         timing: Timing,
@@ -245,6 +245,7 @@ class Poller:
         )
         if method == "network":
             return
+        assert path is not None, f"{pair}: method {method!r} needs a volume"
         if existing is not None:
             existing.read_timeout = timing.read_timeout
             existing.row = self.table.row(pair, "volume")

@@ -139,7 +139,7 @@ class WriterStats:
     """Writer side (heartbeat check 101a) of one beating pair."""
 
     pair: str
-    volume: str
+    volume: str | None  # None: network beats only
     slot: int
     incarnation: int
     serial: int = 0
