@@ -279,7 +279,10 @@ class Demo:
         for site in self.sites:
             site.api.extra_routes.extend(lab.routes())
         async with anyio.create_task_group() as tg:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            # SIGHUP too: the terminal closed (or `tmux kill-session`) ends the demo like
+            # Ctrl-C, and its folder is removed (`hbmon run` reloads on SIGHUP instead).
+            stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            with anyio.open_signal_receiver(*stops) as signals:
                 await tg.start(mirror.run)
                 if cluster is not None:
                     await tg.start(cluster.run)  # formed before the sites ask it for leases
@@ -292,6 +295,10 @@ class Demo:
                     async for signum in signals:
                         log.info("%s received: stopping the demo", signal.Signals(signum).name)
                         break
+            # A hangup comes twice (the kernel's to the terminal's process group, the
+            # shell's to its jobs): the second must not kill the demo before it has
+            # stopped etcd and removed its folder.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             tg.cancel_scope.cancel()
 
     def _announce(self) -> None:

@@ -1115,14 +1115,20 @@ def test_duration_exits_zero_and_leaves_nothing(tmp_path: Path) -> None:
     assert_gone(demo, folder)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
+)
 def test_signal_stops_within_two_seconds(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGHUP is what a closed terminal or ``tmux kill-session`` sends: to the whole
+    foreground process group, which is how it is sent here (the demo leads its own)."""
     demo = start_demo(tmp_path, pairs=4)
     try:
         folder = demo.folder()
         want = {"osaka-01": "alive", "osaka-02": "alive", "tokyo-01": "alive", "tokyo-02": "alive"}
         wait_verdicts(demo, want, since=demo.started, timeout=RECOVER_TIMEOUT)
         assert session_processes(demo.proc.pid), "the demo is not in its own session"
+        if sig == signal.SIGHUP:
+            os.killpg(demo.proc.pid, sig)
         code, took = demo.stop(sig)
     finally:
         demo.cleanup()
