@@ -140,6 +140,7 @@ class SiteConfig:
     method: str = "both"
     io_threads: int = 8
     log_changes: int = 50  # state changes logged one by one per second (0: all)
+    log_format: str = "text"  # "text" | "json" | "logfmt" (hbmon.logs); --log-format wins
     reopen: float = 60.0  # a kept-open volume is opened afresh this often
     network: NetworkConfig = field(default_factory=NetworkConfig)
     webhook_token_file: Path | None = None
@@ -252,6 +253,14 @@ def _bool(value: Any) -> bool:
 def _method(value: Any) -> str:
     if value not in METHODS:
         raise ValueError(f"expected one of {', '.join(METHODS)}, got {value!r}")
+    return str(value)
+
+
+def _log_format(value: Any) -> str:
+    from hbmon.logs import FORMATS
+
+    if value not in FORMATS:
+        raise ValueError(f"expected one of {', '.join(FORMATS)}, got {value!r}")
     return str(value)
 
 
@@ -464,6 +473,7 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
         method=method,
         io_threads=top.get("io_threads", _positive_int, 8),
         log_changes=top.get("log_changes", _non_negative_int, 50),
+        log_format=top.get("log_format", _log_format, "text"),
         reopen=top.get("reopen", _reopen_duration, 60.0),
         network=network,
         webhook_token_file=token_file,
