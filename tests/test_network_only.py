@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import pytest
 from helpers import metric_value, post_host_down, running_site, start_site, wait_for
+from netns import NsSite, site_config, two_namespaces
 
 from hbmon.beater import Beater
 from hbmon.clock import FakeClock
@@ -211,6 +212,15 @@ def test_network_only_pairs_end_to_end(tmp_path: Path) -> None:
                 assert metric_value(text, "hbmon_heartbeat_up", pair=pair, path="volume") is None
                 assert metric_value(text, "hbmon_pair_verdict", pair=pair, verdict="alive") == 1
             assert post_host_down(watcher, token, "db1")["code"] == "table_disagrees"
+            shown = subprocess.run(
+                [sys.executable, "-m", "hbmon.cli", "status", "--url", watcher.url],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert shown.returncode == 0, shown.stderr
+            table = [line.split() for line in shown.stdout.splitlines()[1:3]]
+            assert sorted((r[0], r[1]) for r in table) == [("db1", "network"), ("db2", "network")]
             mine = writer.status()["writers"]
             assert sorted((w["pair"], w["volume"], w["written"]) for w in mine) == [
                 ("db1", None, 0),
@@ -235,3 +245,64 @@ def test_network_only_pairs_end_to_end(tmp_path: Path) -> None:
             assert metric_value(text, "hbmon_failover_total", pair="db2", result="refused") == 1
     finally:
         writer.kill()
+
+
+# -- two namespaces: the beats cross a veth link -----------------------------------------
+
+
+@pytest.mark.root
+@pytest.mark.timeout(90)
+def test_network_only_pair_across_namespaces(tmp_path: Path) -> None:
+    """Site A (namespace A) beats db1 over UDP only, across the veth link, to site B
+    (namespace B), which watches it on the network path only; neither has a volume.
+    The link cut: host_down, with the one-path note; healed: alive again."""
+    key = _secret(tmp_path / "hb.key", KEY.decode())
+    with two_namespaces() as lab:
+        a_cfg = tmp_path / "A.toml"
+        a_cfg.write_text(
+            site_config(
+                "A",
+                tmp_path,
+                listen_http=f"{lab.mgmt_a}:9799",
+                listen_udp=f"{lab.site_a_ip}:9798",
+                key_file=key,
+                body=f'[[beat]]\nid = "db1"\npeers = ["{lab.site_b_ip}:9798"]\n',
+            )
+        )
+        b_cfg = tmp_path / "B.toml"
+        b_cfg.write_text(
+            site_config(
+                "B",
+                tmp_path,
+                listen_http=f"{lab.mgmt_b}:9799",
+                listen_udp="0.0.0.0:9798",
+                key_file=key,
+                body='[[watch]]\nid = "db1"\nmethod = "network"\n',
+            )
+        )
+        a = NsSite(lab, lab.ns_a, a_cfg, f"http://{lab.mgmt_a}:9799", "A").launch()
+        b = NsSite(lab, lab.ns_b, b_cfg, f"http://{lab.mgmt_b}:9799", "B").launch()
+        try:
+            a.wait_ready()
+            b.wait_ready()
+
+            def verdict() -> str:
+                rows = b.rows("db1")
+                assert list(rows) == [("db1", "network")], rows
+                return str(rows["db1", "network"]["verdict"])
+
+            wait_for(lambda: verdict() == "alive", 10.0, "db1 alive at B")
+            lab.cut()
+            wait_for(lambda: verdict() == "host_down", 10.0, "db1 host_down at B")
+            note = b.rows("db1")["db1", "network"]["verdict_note"]
+            assert "only the network path is checked" in note
+            lab.heal()
+            wait_for(lambda: verdict() == "alive", 10.0, "db1 alive at B again")
+            assert a.stop() == 0
+            assert b.stop() == 0
+        except BaseException as exc:
+            exc.add_note(a.stderr_tail() + "\n" + b.stderr_tail())
+            raise
+        finally:
+            a.kill()
+            b.kill()
