@@ -9,6 +9,7 @@ status table, the metrics and the failover guard's verdicts for such a pair.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -190,7 +191,8 @@ def test_network_only_pairs_end_to_end(tmp_path: Path) -> None:
     )
     command = f'["{sys.executable}", "-c", "open({str(marker)!r}, \'a\').write(\'x\')"]'
     watcher_cfg = (
-        head("tokyo", watcher_udp)
+        'log_format = "json"\n'
+        + head("tokyo", watcher_udp)
         + f'[webhook]\ntoken_file = "{token_file}"\nhold_down = "1s"\n'
         + '[[watch]]\nid = "db1"\nmethod = "network"\nfailover_single_path = true\n'
         + f"failover_without_arbiter = true\nfailover = {command}\n"
@@ -243,6 +245,19 @@ def test_network_only_pairs_end_to_end(tmp_path: Path) -> None:
             text = watcher.metrics()
             assert metric_value(text, "hbmon_failover_total", pair="db1", result="executed") == 1
             assert metric_value(text, "hbmon_failover_total", pair="db2", result="refused") == 1
+            # The guard's decisions, as structured log lines (log_format = "json").
+            docs = [json.loads(line) for line in watcher.stderr().splitlines()]
+            decided = [
+                (d["pair"], d["result"], d.get("code"))
+                for d in docs
+                if d.get("event") == "failover"
+            ]
+            assert decided == [
+                ("db1", "refused", "table_disagrees"),
+                ("db2", "refused", "single_path"),
+                ("db1", "executed", None),
+            ]
+            assert {d["site"] for d in docs if d["logger"].startswith("hbmon.")} == {"tokyo"}
     finally:
         writer.kill()
 
