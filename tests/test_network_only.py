@@ -321,3 +321,24 @@ def test_network_only_pair_across_namespaces(tmp_path: Path) -> None:
         finally:
             a.kill()
             b.kill()
+
+
+def test_a_watch_turned_network_only_stops_reading_its_volume(tmp_path: Path) -> None:
+    """A reload from ``method = "both"`` to ``"network"`` without a volume: the volume is
+    no longer read (no target, no volume row), the network row keeps its state."""
+    from hbmon.config import Timing
+    from hbmon.poller import Poller
+
+    clock = FakeClock()
+    table = StatusTable(clock)
+    poller = Poller(table, clock, threads=1, ring=False)
+    vol = tmp_path / "db1.vol"
+    vol.write_bytes(bytes(4096))
+    poller.watch("db1", str(vol), 0, "both", Timing())
+    network = table.row("db1", "network")
+    assert set(poller.targets) == {"db1"}
+    poller.watch("db1", None, 0, "network", Timing())
+    assert poller.targets == {}
+    assert sorted(table.pairs["db1"].rows) == ["network"]
+    assert table.row("db1", "network") is network
+    assert table.pairs["db1"].volume is None
