@@ -23,7 +23,7 @@ from typing import Any
 from hbmon import __version__
 from hbmon.console import format_status
 from hbmon.errors import HbmonError, UsageError, VolumeError
-from hbmon.logs import FORMATS
+from hbmon.logs import FORMATS, on_journal
 from hbmon.logs import setup as setup_logs
 from hbmon.record import Record
 from hbmon.volume import claim_slot, open_volume, read_slot, write_slot
@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = _COMMANDS[args.command]
         return handler(args)
     except HbmonError as err:
-        print(f"hbmon: error: {err}", file=sys.stderr)
+        journal = "<3>" if on_journal(sys.stderr) else ""  # (an error, for journald too)
+        print(f"{journal}hbmon: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130

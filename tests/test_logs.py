@@ -305,3 +305,26 @@ def test_on_the_journal_text_lines_carry_priority_prefixes(tmp_path: Path) -> No
     proc, err = _daemon(tmp_path, "u", "", env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     lines = _until_alive(proc, err, "verdict awaiting -> alive")
     assert not any(line.startswith("<") for line in lines)
+
+
+def test_a_fatal_error_on_the_journal_is_an_error(tmp_path: Path) -> None:
+    """``hbmon run`` with a configuration that does not validate, under systemd: the one
+    line it prints is priority 3, so ``journalctl -p err`` shows why it did not start."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('site = "s"\n[[watch]]\nid = "db1"\n')
+    err_path = tmp_path / "err"
+    with err_path.open("wb") as err:
+        st = os.fstat(err.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        done = subprocess.run(
+            [sys.executable, "-m", "hbmon.cli", "run", "-c", str(bad)],
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            env=env,
+            check=False,
+        )
+    assert done.returncode == 2
+    (line,) = err_path.read_text().splitlines()
+    assert line.startswith("<3>hbmon: error: ")
+    assert "watch[0].volume: is required" in line
