@@ -574,7 +574,7 @@ def _check_unique(config: SiteConfig) -> None:
             if item.id in ids:
                 raise ConfigError(config.source, f"{kind}[{i}].id", f"pair {item.id!r} repeated")
             ids.add(item.id)
-            if item.volume is None or getattr(item, "method", "") == "network":
+            if item.volume is None or (isinstance(item, WatchConfig) and item.method == "network"):
                 continue  # (network only: no slot to share)
             where = (str(item.volume), item.slot)
             if where in seen:

@@ -115,9 +115,13 @@ def test_config_check_accepts_a_network_only_site(tmp_path: Path) -> None:
 # -- the beater: UDP only ----------------------------------------------------------------
 
 
-async def test_a_beat_without_a_volume_sends_udp_beats_only(tmp_path: Path) -> None:
+async def test_a_beat_without_a_volume_sends_udp_beats_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Virtual time, real datagrams: one beat an interval to the peer, the stopping
-    record at the end, nothing written anywhere, no write errors."""
+    record at the end, nothing written anywhere (not even a file named "None" in the
+    current directory), no write errors."""
+    monkeypatch.chdir(tmp_path)
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.bind(("127.0.0.1", 0))
     rx.settimeout(2.0)
