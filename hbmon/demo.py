@@ -192,6 +192,10 @@ class Demo:
     def __init__(self, opts: DemoOptions, out: TextIO = sys.stdout) -> None:
         self.opts = opts
         self.out = out
+        # A hangup before the sites' signal receiver is open (while the files are made,
+        # etcd starts) is remembered and ends the demo once it is: the folder goes.
+        self.hung_up = False
+        signal.signal(signal.SIGHUP, self._early_hangup)
         self.folder = Path(tempfile.mkdtemp(prefix="hbmon-demo-"))
         self.events: RecentEvents | None = None
         self.sites: list[Site] = []
@@ -235,6 +239,9 @@ class Demo:
             f"  arbiter   etcd {cluster.version}: members {', '.join(cluster.members)} behind "
             f"the lab's proxies (logs in {cluster.folder}); prefix {ARBITER_PREFIX}, {timing}"
         )
+
+    def _early_hangup(self, signum: int, frame: object) -> None:
+        self.hung_up = True
 
     def _progress(self, line: str) -> None:
         print(line, file=self.out, flush=True)
@@ -292,9 +299,13 @@ class Demo:
                 if self.events is not None:
                     tg.start_soon(self._live_view)
                 with anyio.move_on_after(self.opts.duration or math.inf):
-                    async for signum in signals:
-                        log.info("%s received: stopping the demo", signal.Signals(signum).name)
-                        break
+                    if self.hung_up:
+                        log.info("SIGHUP received at start: stopping the demo")
+                    else:
+                        async for signum in signals:
+                            name = signal.Signals(signum).name
+                            log.info("%s received: stopping the demo", name)
+                            break
             # A hangup comes twice (the kernel's to the terminal's process group, the
             # shell's to its jobs): the second must not kill the demo before it has
             # stopped etcd and removed its folder.
