@@ -69,6 +69,7 @@ def write_beat(target: BeatTarget) -> WriteOutcome:
     """Claim the slot if needed and write ``target.record``.  Worker thread; never raises."""
     cfg, record = target.config, target.record
     assert record is not None
+    assert cfg.volume is not None
     try:
         if target.volume is None:
             target.volume = open_volume(str(cfg.volume), write=True, create=True)
@@ -118,9 +119,9 @@ class Beater:
     """Writes (and sends) the heartbeats of every ``[[beat]]`` of a site.
 
     Each interval a beat gets a new record: it goes to the network peers at once and to
-    the PVOL through the worker pool.  The two paths are independent: a hung PVOL write
-    does not stop the network beats (the watcher then says ``link_down``, not
-    ``host_down``).
+    the PVOL through the worker pool (a beat without a volume goes to its peers only).
+    The two paths are independent: a hung PVOL write does not stop the network beats
+    (the watcher then says ``link_down``, not ``host_down``).
     """
 
     def __init__(
@@ -173,7 +174,8 @@ class Beater:
             if existing is not None:
                 existing.config, existing.peers = cfg, peers
                 continue
-            stats = WriterStats(cfg.id, str(cfg.volume), cfg.slot, new_incarnation())
+            volume = str(cfg.volume) if cfg.volume is not None else None
+            stats = WriterStats(cfg.id, volume, cfg.slot, new_incarnation())
             self.table.writers[cfg.id] = stats
             fresh = self.targets[cfg.id] = BeatTarget(cfg, stats, peers=peers)
             self._seq += 1
@@ -207,7 +209,9 @@ class Beater:
                         owned = self.owned is None or self.owned(target.config.id, now)
                         record = self._next_record(target, State.ACTIVE if owned else State.STANDBY)
                         self._send(target, BEAT, record)
-                        if target.inflight:
+                        if target.config.volume is None:
+                            pass  # (network beats only: sent above)
+                        elif target.inflight:
                             if not target.hung:
                                 self._check_hung(target, now)
                         else:
@@ -342,7 +346,7 @@ class Beater:
             for target in targets:
                 record = self._next_record(target, State.STOPPING)
                 self._send(target, BEAT, record)
-                if not target.inflight:
+                if not target.inflight and target.config.volume is not None:
                     batch.append(self._submit(target, record))
             if batch:
                 await self.pool.run(by_volume(batch))

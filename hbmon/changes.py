@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+#: Structured fields of a change (see hbmon.logs): given, or made only when logged.
+Extra = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 
 BURST = 50  # changes logged one by one per window
 WINDOW = 1.0  # seconds
@@ -39,14 +44,19 @@ class ChangeLog:
         self.held: Counter[str] = Counter()  # changes only counted, by kind
         self.suppressed_total = 0
 
-    def change(self, now: float, kind: str, message: str, *args: object) -> None:
-        """Log one change (``message % args``) or count it under ``kind``."""
+    def change(
+        self, now: float, kind: str, message: str, *args: object, extra: Extra = None
+    ) -> None:
+        """Log one change (``message % args``, with the structured fields ``extra``: a
+        mapping, or a function that makes one, called only if the line is logged) or
+        count it under ``kind``."""
         if now - self.started >= self.window:
             self.flush(now)
             self.started, self.logged = now, 0
         if self.logged < self.burst or not self.burst:  # burst 0: every change
             self.logged += 1
-            self.logger.info(message, *args)
+            fields = extra() if callable(extra) else extra
+            self.logger.info(message, *args, extra=fields)
         else:
             self.held[kind] += 1
 
@@ -66,5 +76,6 @@ class ChangeLog:
             now - self.started,
             named,
             f", and {more} other kind(s)" if more > 0 else "",
+            extra={"event": "changes_not_logged", "count": total, "kinds": dict(kinds)},
         )
         self.held.clear()

@@ -23,6 +23,8 @@ from typing import Any
 from hbmon import __version__
 from hbmon.console import format_status
 from hbmon.errors import HbmonError, UsageError, VolumeError
+from hbmon.logs import FORMATS, on_journal
+from hbmon.logs import setup as setup_logs
 from hbmon.record import Record
 from hbmon.volume import claim_slot, open_volume, read_slot, write_slot
 
@@ -40,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hbmon", description="Heartbeats through mirrored volumes and the network.")
     p.add_argument("--version", action="version", version=f"hbmon {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=None,
+        help="log line format (default: the configuration's log_format, else text)",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run the site daemon")
@@ -165,15 +173,12 @@ def _volume_command(
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(
-            level=args.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        setup_logs(args.log_format or "text", args.log_level)
         handler = _COMMANDS[args.command]
         return handler(args)
     except HbmonError as err:
-        print(f"hbmon: error: {err}", file=sys.stderr)
+        journal = "<3>" if on_journal(sys.stderr) else ""  # (an error, for journald too)
+        print(f"{journal}hbmon: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130
@@ -189,6 +194,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hbmon.site import Site, run_daemon, threads_left_stuck
 
     config = load_config(args.config)
+    # Now that the site is known: its log_format (unless --log-format), its name on
+    # every structured line.
+    setup_logs(args.log_format or config.log_format, args.log_level, static={"site": config.site})
     if args.listen:
         try:
             parse_hostport(args.listen)

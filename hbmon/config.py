@@ -77,7 +77,7 @@ class Timing:
 @dataclass(frozen=True)
 class BeatConfig:
     id: str
-    volume: Path
+    volume: Path | None  # None: network beats only (``peers``)
     slot: int = 0
     interval: float = 1.0
     peers: tuple[str, ...] = ()
@@ -87,7 +87,7 @@ class BeatConfig:
 @dataclass(frozen=True)
 class WatchConfig:
     id: str
-    volume: Path
+    volume: Path | None  # None: a network-only pair (``method = "network"``)
     slot: int = 0
     method: str = "both"
     timing: Timing = field(default_factory=Timing)
@@ -140,6 +140,7 @@ class SiteConfig:
     method: str = "both"
     io_threads: int = 8
     log_changes: int = 50  # state changes logged one by one per second (0: all)
+    log_format: str = "text"  # "text" | "json" | "logfmt" (hbmon.logs); --log-format wins
     reopen: float = 60.0  # a kept-open volume is opened afresh this often
     network: NetworkConfig = field(default_factory=NetworkConfig)
     webhook_token_file: Path | None = None
@@ -252,6 +253,14 @@ def _bool(value: Any) -> bool:
 def _method(value: Any) -> str:
     if value not in METHODS:
         raise ValueError(f"expected one of {', '.join(METHODS)}, got {value!r}")
+    return str(value)
+
+
+def _log_format(value: Any) -> str:
+    from hbmon.logs import FORMATS
+
+    if value not in FORMATS:
+        raise ValueError(f"expected one of {', '.join(FORMATS)}, got {value!r}")
     return str(value)
 
 
@@ -386,26 +395,42 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
 
     beats = []
     for t in top.tables("beat"):
-        beats.append(
-            BeatConfig(
-                id=t.require("id", _pair_id),
-                volume=t.require("volume", as_path),
-                slot=t.get("slot", _slot, 0),
-                interval=t.get("interval", parse_duration, timing.interval),
-                peers=t.get("peers", _peers, ()),
-                demote=t.get("demote", _command, ()),
-            )
+        beat = BeatConfig(
+            id=t.require("id", _pair_id),
+            volume=t.get("volume", as_path, None),
+            slot=t.get("slot", _slot, 0),
+            interval=t.get("interval", parse_duration, timing.interval),
+            peers=t.get("peers", _peers, ()),
+            demote=t.get("demote", _command, ()),
         )
+        if beat.volume is None and not beat.peers:
+            raise t.fail(
+                "volume",
+                "is required unless the beat goes over the network only: give the PVOL "
+                'as volume = "...", or peers = ["HOST:PORT"] to send UDP beats',
+            )
+        if beat.volume is None and "slot" in t.data:
+            raise t.fail("slot", "is set but there is no volume: give volume, or remove slot")
+        beats.append(beat)
         t.done()
 
     watches = []
     for t in top.tables("watch"):
+        pair_id = t.require("id", _pair_id)
+        watch_method = t.get("method", _method, method)
+        volume = t.get("volume", as_path, None)
+        if volume is None and watch_method != "network":
+            raise t.fail(
+                "volume",
+                f"is required with method = {watch_method!r} (the SVOL to read); "
+                'set method = "network" to watch the UDP beats only',
+            )
         watches.append(
             WatchConfig(
-                id=t.require("id", _pair_id),
-                volume=t.require("volume", as_path),
+                id=pair_id,
+                volume=volume,
                 slot=t.get("slot", _slot, 0),
-                method=t.get("method", _method, method),
+                method=watch_method,
                 timing=_timing(t, timing),
                 failover=t.get("failover", _command, ()),
                 failover_single_path=t.get("failover_single_path", _bool, False),
@@ -448,6 +473,7 @@ def parse_config(data: dict[str, Any], source: str, base: Path | None = None) ->
         method=method,
         io_threads=top.get("io_threads", _positive_int, 8),
         log_changes=top.get("log_changes", _non_negative_int, 50),
+        log_format=top.get("log_format", _log_format, "text"),
         reopen=top.get("reopen", _reopen_duration, 60.0),
         network=network,
         webhook_token_file=token_file,
@@ -548,6 +574,8 @@ def _check_unique(config: SiteConfig) -> None:
             if item.id in ids:
                 raise ConfigError(config.source, f"{kind}[{i}].id", f"pair {item.id!r} repeated")
             ids.add(item.id)
+            if item.volume is None or (isinstance(item, WatchConfig) and item.method == "network"):
+                continue  # (network only: no slot to share)
             where = (str(item.volume), item.slot)
             if where in seen:
                 raise ConfigError(
@@ -561,6 +589,12 @@ def _check_unique(config: SiteConfig) -> None:
 def warnings(config: SiteConfig) -> list[str]:
     """What ``hbmon config check`` warns of: valid, but probably not what is meant."""
     out = []
+    for i, w in enumerate(config.watches):
+        if w.method == "network" and w.volume is not None:
+            out.append(
+                f'watch[{i}] ({w.id!r}): method = "network" never reads volume {w.volume}; '
+                'remove volume (and slot), or set method = "both" to check it too'
+            )
     watches: list[tuple[str, tuple[str, ...], bool]] = [
         (f"watch[{i}] ({w.id!r})", w.failover, w.failover_without_arbiter)
         for i, w in enumerate(config.watches)

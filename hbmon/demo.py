@@ -192,6 +192,10 @@ class Demo:
     def __init__(self, opts: DemoOptions, out: TextIO = sys.stdout) -> None:
         self.opts = opts
         self.out = out
+        # A hangup before the sites' signal receiver is open (while the files are made,
+        # etcd starts) is remembered and ends the demo once it is: the folder goes.
+        self.hung_up = False
+        signal.signal(signal.SIGHUP, self._early_hangup)
         self.folder = Path(tempfile.mkdtemp(prefix="hbmon-demo-"))
         self.events: RecentEvents | None = None
         self.sites: list[Site] = []
@@ -236,6 +240,9 @@ class Demo:
             f"the lab's proxies (logs in {cluster.folder}); prefix {ARBITER_PREFIX}, {timing}"
         )
 
+    def _early_hangup(self, signum: int, frame: object) -> None:
+        self.hung_up = True
+
     def _progress(self, line: str) -> None:
         print(line, file=self.out, flush=True)
 
@@ -279,7 +286,10 @@ class Demo:
         for site in self.sites:
             site.api.extra_routes.extend(lab.routes())
         async with anyio.create_task_group() as tg:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            # SIGHUP too: the terminal closed (or `tmux kill-session`) ends the demo like
+            # Ctrl-C, and its folder is removed (`hbmon run` reloads on SIGHUP instead).
+            stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            with anyio.open_signal_receiver(*stops) as signals:
                 await tg.start(mirror.run)
                 if cluster is not None:
                     await tg.start(cluster.run)  # formed before the sites ask it for leases
@@ -289,9 +299,17 @@ class Demo:
                 if self.events is not None:
                     tg.start_soon(self._live_view)
                 with anyio.move_on_after(self.opts.duration or math.inf):
-                    async for signum in signals:
-                        log.info("%s received: stopping the demo", signal.Signals(signum).name)
-                        break
+                    if self.hung_up:
+                        log.info("SIGHUP received at start: stopping the demo")
+                    else:
+                        async for signum in signals:
+                            name = signal.Signals(signum).name
+                            log.info("%s received: stopping the demo", name)
+                            break
+            # A hangup comes twice (the kernel's to the terminal's process group, the
+            # shell's to its jobs): the second must not kill the demo before it has
+            # stopped etcd and removed its folder.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             tg.cancel_scope.cancel()
 
     def _announce(self) -> None:

@@ -379,7 +379,17 @@ class FailoverGuard:
         counted = pair_id if pair_id in self.table.pairs else "(unknown)"
         self.counts[(counted, "refused")] += 1
         await self._journal({"event": "refused", **decision.as_dict()})
-        log.warning("failover of %s refused: %s", pair_id, decision.reason)
+        log.warning(
+            "failover of %s refused: %s",
+            pair_id,
+            decision.reason,
+            extra={
+                "event": "failover",
+                "pair": pair_id,
+                "result": "refused",
+                "code": decision.code,
+            },
+        )
 
     async def _take_over(self, decision: Decision, arbiter: Candidate) -> None:
         """In the background: the arbiter's vote, then the command (or a refusal)."""
@@ -467,7 +477,12 @@ class FailoverGuard:
             log.error("failover of %s: %s, but not journaled: %s", pair, result, err)
         finally:
             self.running.discard(pair)
-        log.warning("failover of %s: %s", pair, result)
+        log.warning(
+            "failover of %s: %s",
+            pair,
+            result,
+            extra={"event": "failover", "pair": pair, "result": result},
+        )
 
     async def _journal(self, entry: dict[str, Any]) -> None:
         entry = {"time": self.clock.wall(), "site": self.table.site, **entry}

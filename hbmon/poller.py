@@ -19,7 +19,10 @@ threads.
 
 A volume whose read is still out is not read again; once its read has been out longer
 than its ``read_timeout`` the row shows ``io_hung`` and the worker is counted as stuck,
-while every other volume keeps its cadence.
+while every other volume keeps its cadence.  That moment has a timer of its own (the
+``_deadlines`` wheel: one entry per tick and read timeout, not per read), so a volume
+polled every minute still turns ``io_hung`` one tick after ``read_timeout``, not at its
+next poll.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class PollerStatistics:
     poll_lag_p99: float = 0.0  # over the last LAG_SAMPLES ticks
     workers_stuck: int = 0
     last_tick: float = 0.0  # monotonic time of the latest tick
+
 
 CACHED_RUN = 256  # cached reads made back to back before they are judged (128 KiB of buffers)
 BATCH = 1024  # reads per worker-thread call (more threads only add GIL hand-offs)
@@ -152,6 +156,9 @@ class Poller:
         self._wheel: Wheel[Group] = Wheel(COALESCE)
         self._open_groups: dict[tuple[float, int], Group] = {}
         self._reopens: Wheel[Target] = Wheel(1.0)  # targets by reopen_at
+        # The reads a tick sent out, by when they count as hung: (submitted, targets)
+        # at submitted + read_timeout (see _check_deadlines).
+        self._deadlines: Wheel[tuple[float, list[Target]]] = Wheel(COALESCE)
         self._scans: ScanCache = {}  # touched only by scan_globs, on its thread
         self.pool: WorkerPool[Target, ReadOutcome] = WorkerPool(
             read_target, self._deliver, clock=clock, threads=threads
@@ -206,7 +213,7 @@ class Poller:
         for w in config.watches:
             self.watch(
                 w.id,
-                str(w.volume),
+                str(w.volume) if w.volume is not None and w.method != "network" else None,
                 w.slot,
                 w.method,
                 w.timing,
@@ -219,7 +226,7 @@ class Poller:
     def watch(
         self,
         pair: str,
-        path: str,
+        path: str | None,
         slot: int,
         method: str,
         timing: Timing,
@@ -245,6 +252,7 @@ class Poller:
         )
         if method == "network":
             return
+        assert path is not None, f"{pair}: method {method!r} needs a volume"
         if existing is not None:
             existing.read_timeout = timing.read_timeout
             existing.row = self.table.row(pair, "volume")
@@ -414,6 +422,7 @@ class Poller:
         direct: list[Target] = []  # block devices, for the ring
         ring, inline = self.ring, self.inline
         lag: float | None = None  # how late the latest group taken ran (None: none taken)
+        self._check_deadlines(now)
         # A bucket is taken once it has begun: its reads run at most COALESCE early.
         while (taken := take(now)) is not None:
             for group in taken[1]:
@@ -449,11 +458,49 @@ class Poller:
         self.workers_stuck = sum(
             1 for t in self.pool.stuck(0.0) if now - t.submitted > t.read_timeout
         )
+        if batch or direct:
+            self._watch_deadlines(now, batch, direct)
         if direct:
             assert ring is not None
             batch += ring.submit(direct)  # what the ring has no room for goes to threads
         for i in range(0, len(batch), BATCH):
             tg.start_soon(self.pool.run, batch[i : i + BATCH])
+
+    def _watch_deadlines(self, now: float, *sent: list[Target]) -> None:
+        """Remember when the reads sent out at ``now`` count as hung.  The entry's bucket
+        begins after the deadline (by at most COALESCE): taken then, a read still out is
+        past its ``read_timeout``."""
+        by_timeout: dict[float, list[Target]] = {}
+        for targets in sent:
+            for target in targets:
+                by_timeout.setdefault(target.read_timeout, []).append(target)
+        for timeout, targets in by_timeout.items():
+            self._deadlines.push(now + timeout + COALESCE, (now, targets))
+
+    def _check_deadlines(self, now: float) -> None:
+        """Reads sent out a ``read_timeout`` ago and still out: their rows turn ``io_hung``
+        now, whenever their volume is next due."""
+        later: list[tuple[float, float, list[Target]]] = []
+        while (taken := self._deadlines.take(now)) is not None:
+            for submitted, targets in taken[1]:
+                waiting = []
+                for target in targets:
+                    if not (
+                        target.inflight
+                        and not target.hung
+                        and target.active
+                        and target.submitted == submitted
+                    ):
+                        continue  # returned (or sent out again since)
+                    if now - submitted > target.read_timeout:
+                        self._mark_hung(target, now)
+                    else:  # (a longer read_timeout since a reload, or rounding)
+                        waiting.append(target)
+                if waiting:
+                    due = max(submitted + waiting[0].read_timeout, now) + COALESCE
+                    later.append((due, submitted, waiting))
+        for due, submitted, waiting in later:  # (after: a bucket begun is not taken twice)
+            self._deadlines.push(due, (submitted, waiting))
 
     def _reopen_due(self, now: float, batch: list[Target]) -> None:
         """Volumes kept open for a reopen period are read once on a thread, opened
@@ -584,6 +631,9 @@ class Poller:
         """When the loop ticks next (a reading of the clock it sleeps on)."""
         now = self.clock.monotonic()
         first = self._wheel.first()
+        deadline = self._deadlines.first()
+        if deadline is not None and (first is None or deadline < first):
+            first = deadline
         wait = 1.0 if first is None else first - now
         if self.pool.detached:
             wait = min(wait, 0.05)  # harvest late results promptly

@@ -89,21 +89,32 @@ class Pair:
             row.evaluate(now)
         return self.rejudge(now)
 
+    def derive(self, now: float) -> Verdict:
+        """The verdict the paths' current states give (nothing is changed or logged)."""
+        owner = None if self.owner is None else self.owner(self.id)
+        return verdict({p: r.state for p, r in self.rows.items()}, self.ahead(now), owner)
+
     def rejudge(self, now: float) -> Verdict:
         """Derive the verdict from the paths' current states (changes are logged)."""
         before = self.verdict
-        owner = None if self.owner is None else self.owner(self.id)
-        self.verdict = verdict(
-            {p: r.state for p, r in self.rows.items()}, self.ahead(now), owner
-        )
+        self.verdict = self.derive(now)
         if self.verdict != before:
             note = self.verdict_note
             args = (self.id, before, self.verdict, f" ({note})" * bool(note))
+            extra = {
+                "event": "verdict",
+                "pair": self.id,
+                "path": ",".join(self.rows),
+                "state": ",".join(r.state for r in self.rows.values()),
+                "verdict": self.verdict,
+                "previous_verdict": before,
+                "note": note,
+            }
             if self.changes is None:
-                log.info("pair %s: verdict %s -> %s%s", *args)
+                log.info("pair %s: verdict %s -> %s%s", *args, extra=extra)
             else:
                 kind = f"verdict {before} -> {self.verdict}"
-                self.changes.change(now, kind, "pair %s: verdict %s -> %s%s", *args)
+                self.changes.change(now, kind, "pair %s: verdict %s -> %s%s", *args, extra=extra)
         return self.verdict
 
     def ahead(self, now: float) -> set[str]:
@@ -139,7 +150,7 @@ class WriterStats:
     """Writer side (heartbeat check 101a) of one beating pair."""
 
     pair: str
-    volume: str
+    volume: str | None  # None: network beats only
     slot: int
     incarnation: int
     serial: int = 0
@@ -307,6 +318,23 @@ class StatusTable:
                 f"volume {pair.volume}" if pair is not None and row.path == "volume" else row.path
             )
             extra = f" ({row.detail})" if row.detail and after != "alive" else ""
+
+            def fields() -> dict[str, object]:  # (made only if the line is logged)
+                return {
+                    "event": "state",
+                    "pair": row.pair,
+                    "path": row.path,
+                    "state": after,
+                    "previous_state": before,
+                    # the verdict these states give (its own change is the next line)
+                    "verdict": pair.derive(now) if pair is not None else "unknown",
+                    "reason": row.reason,
+                    "detail": row.detail,
+                    **(
+                        {"volume": pair.volume} if pair is not None and row.path == "volume" else {}
+                    ),
+                }
+
             self.changes.change(
                 now,
                 f"{row.path} {before} -> {after}",
@@ -316,6 +344,7 @@ class StatusTable:
                 before,
                 after,
                 extra,
+                extra=fields,
             )
         if row.resumed:
             row.resumed = False

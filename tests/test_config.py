@@ -318,7 +318,7 @@ def test_unknown_key(tmp_path: Path, text: str, key: str) -> None:
     ids=["site", "watch.id", "watch.volume", "second-watch", "beat.id", "beat.volume", "pattern"],
 )
 def test_missing_required_key(tmp_path: Path, text: str, key: str) -> None:
-    assert config_error(tmp_path, text, key).problem == "is required"
+    assert config_error(tmp_path, text, key).problem.startswith("is required")
 
 
 @pytest.mark.parametrize(

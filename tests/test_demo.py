@@ -1115,14 +1115,20 @@ def test_duration_exits_zero_and_leaves_nothing(tmp_path: Path) -> None:
     assert_gone(demo, folder)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
+)
 def test_signal_stops_within_two_seconds(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGHUP is what a closed terminal or ``tmux kill-session`` sends: to the whole
+    foreground process group, which is how it is sent here (the demo leads its own)."""
     demo = start_demo(tmp_path, pairs=4)
     try:
         folder = demo.folder()
         want = {"osaka-01": "alive", "osaka-02": "alive", "tokyo-01": "alive", "tokyo-02": "alive"}
         wait_verdicts(demo, want, since=demo.started, timeout=RECOVER_TIMEOUT)
         assert session_processes(demo.proc.pid), "the demo is not in its own session"
+        if sig == signal.SIGHUP:
+            os.killpg(demo.proc.pid, sig)
         code, took = demo.stop(sig)
     finally:
         demo.cleanup()
@@ -1131,6 +1137,41 @@ def test_signal_stops_within_two_seconds(tmp_path: Path, sig: signal.Signals) ->
     assert took <= STOP_BOUND
     assert f"{sig.name} received" in demo.stderr()
     assert_gone(demo, folder)
+
+
+def test_a_hangup_during_start_up_still_leaves_nothing(tmp_path: Path) -> None:
+    """The terminal closed while the demo starts (its folder made, etcd and the sites
+    not up yet): it finishes starting, stops, exits 0 and removes everything."""
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    err_path = tmp_path / "demo.stderr"
+    port = free_port_pair()
+    args = ["demo", "--pairs", "4", "--listen", f"127.0.0.1:{port}", "--interval", "250ms"]
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hbmon.cli", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=private_env(tmpdir),
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    demo = Demo(proc, port, tmpdir, {}, None, err_path, time.monotonic())
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not (folders := list(tmpdir.glob("hbmon-demo-*"))):
+            assert proc.poll() is None, demo.tail()
+            assert time.monotonic() < deadline, "the demo made no folder"
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGHUP)
+        code = proc.wait(READY_TIMEOUT)
+    finally:
+        demo.cleanup()
+    assert code == 0, demo.tail()
+    assert "SIGHUP received" in demo.stderr()
+    print(f"\n[demo] hangup at start: {demo.stderr().count('received at start')} early")
+    assert_gone(demo, folders[0])
 
 
 def test_live_table_on_a_terminal(tmp_path: Path) -> None:

@@ -206,6 +206,32 @@ def test_read_faults_each_get_their_own_state(faultfs: FaultFS, tmp_path: Path) 
 
 
 @pytest.mark.root
+def test_a_hung_read_is_io_hung_at_its_read_timeout_not_its_next_poll(
+    faultfs: FaultFS, tmp_path: Path
+) -> None:
+    """Issue 15: a volume polled every 4 s whose read never returns is ``io_hung`` one
+    tick (50 ms) after its ``read_timeout`` (1 s), not when it is next due (4 s later).
+    The row's detail says how long the read had been out when it was marked: 1.0 or
+    1.1 s (it read 4.0 s before the fix).  No timing is asserted."""
+    (vol,) = _volumes(faultfs, tmp_path, ["f-hang"], []).values()
+    faultfs.set("f-hang.vol", read="hang")  # its very first read hangs
+    config = _head(tmp_path, "hung", read_timeout='"1s"')
+    config += _watch("f-hang", faultfs.path("f-hang.vol"), interval='"4s"')
+    with running_site(config, tmp_path) as site, faultfs.healing():
+        wait_for(lambda: site.row("f-hang")["state"] == "io_hung", 10.0, "the hung read to show")
+        detail = site.row("f-hang")["detail"]
+        assert detail in ("read has not returned for 1.0 s", "read has not returned for 1.1 s")
+        assert faultfs.stats("f-hang.vol", "read").get("hang") == 1
+        faultfs.heal()
+        wait_for(
+            lambda: metric_value(site.metrics(), "hbmon_workers_stuck") == 0,
+            10.0,
+            "the hung worker to be released",
+        )
+    assert vol.exists()
+
+
+@pytest.mark.root
 @pytest.mark.slow
 def test_a_read_answering_after_2s(faultfs: FaultFS, tmp_path: Path) -> None:
     """A read that answers after 2 s.  With read_timeout 3 s the answer arrives in time:

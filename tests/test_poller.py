@@ -342,3 +342,71 @@ async def test_poll_lag_falls_back_once_the_ticks_are_on_time_again(tmp_path: Pa
         tg.cancel_scope.cancel()
     assert lags[0] == pytest.approx(2.0, abs=0.1), lags
     assert lags[-1] < 0.01, lags
+
+
+class _Release:
+    """Opens ``fifo`` for writing on a thread, so a reader blocked in its open returns."""
+
+    def __init__(self, fifo: Path) -> None:
+        import threading
+
+        self.fd: int | None = None
+        self.thread = threading.Thread(target=self._open, args=(fifo,), daemon=True)
+        self.thread.start()
+
+    def _open(self, fifo: Path) -> None:
+        self.fd = os.open(fifo, os.O_WRONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        self.thread.join(5.0)
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+async def test_a_hung_read_is_io_hung_one_tick_after_read_timeout(tmp_path: Path) -> None:
+    """Issue 15: a volume polled every 30 s whose read hangs (a FIFO: its open blocks
+    until a writer appears, as a D-state device does) is ``io_hung`` within its
+    ``read_timeout`` (2 s) plus one tick (COALESCE), not 30 s later when it is next due;
+    a volume beside it is judged all along.  Virtual time."""
+    from hbmon.poller import COALESCE
+
+    fifo = tmp_path / "hung.vol"
+    os.mkfifo(fifo)
+    healthy = tmp_path / "ok.vol"
+    write_record(healthy, "ok", 1)
+    clock = FakeClock()
+    table = StatusTable(clock)
+    poller = Poller(table, clock, threads=2)
+    poller.watch("hung", str(fifo), 0, "volume", Timing(interval=30.0, read_timeout=2.0))
+    poller.watch("ok", str(healthy), 0, "volume", Timing(interval=0.1))
+    target = poller.targets["hung"]
+    row = table.row("hung", "volume")
+    assert row is not None
+
+    def busy() -> bool:  # (the hung read never returns: not waited for)
+        return poller.targets["ok"].inflight
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(poller.run)
+            for _ in range(700):  # its first read is due within one period (spread by pair)
+                if target.inflight:
+                    break
+                await clock.run_for(0.05, busy=busy)
+            assert target.inflight, "the FIFO was never read"
+            submitted = target.submitted
+            await clock.run_for(submitted + 2.0 - 0.001 - clock.monotonic(), busy=busy)
+            assert row.state != "io_hung"  # not before its read_timeout
+            await clock.run_for(COALESCE + 0.002, busy=busy)
+            assert row.state == "io_hung", (row.state, row.detail)
+            assert row.detail == "read has not returned for 2.0 s" or row.detail.endswith(
+                "2.1 s"
+            ), row.detail
+            await clock.run_for(1.0, busy=busy)
+            assert row.state == "io_hung"
+            ok = table.row("ok", "volume")
+            assert ok is not None
+            assert ok.state == "stale"  # (no new beats: judged all along, not held up)
+            tg.cancel_scope.cancel()
+    finally:
+        _Release(fifo).close()
